@@ -1,0 +1,5 @@
+import sys
+
+from nodrop.cli import main
+
+sys.exit(main())

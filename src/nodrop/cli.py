@@ -1,0 +1,91 @@
+"""The ``nodrop`` command line.
+
+Each subcommand lives in its own module under :mod:`nodrop.commands` and
+exposes ``register(subparsers)``, which adds its parser and sets
+``func(args) -> int``. This module only assembles them and maps
+:class:`~nodrop.errors.NodropError` to a message and exit status 2, so
+library code never prints or exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from nodrop._version import __version__
+from nodrop.errors import NodropError
+
+# Order is the order of `nodrop --help`.
+COMMANDS = (
+    "run",
+    "reload",
+    "status",
+    "stop",
+    "reexec",
+    "hold",
+    "bench",
+    "demo",
+    "doctor",
+)
+
+DESCRIPTION = """\
+Reload Linux network servers without dropping a connection.
+
+nodrop keeps your listening sockets open across deploys: `nodrop run` binds
+them once and starts your server with them (systemd's LISTEN_FDS protocol);
+`nodrop reload` starts the new version, waits until it is ready, and only then
+lets the old one drain. A broken new version is rolled back and the old one
+keeps serving.
+"""
+
+EPILOG = """\
+examples:
+  nodrop demo                                   see a zero-drop reload under load
+  nodrop run --listen tcp://0.0.0.0:8000 -- uvicorn app:app --fd 3
+  nodrop reload                                 new generation, or rollback (exit 1)
+  nodrop status --json
+  nodrop doctor                                 what this kernel can migrate
+
+Run `nodrop COMMAND --help` for each command's options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodrop",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nodrop {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"nodrop.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"nodrop.commands.{name}":
+                continue  # not built into this version
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except NodropError as exc:
+        print(f"nodrop {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``nodrop`` subcommand; each has ``register(subparsers)``."""
