@@ -25,6 +25,7 @@ COMMANDS = (
     "stop",
     "reexec",
     "hold",
+    "exec",
     "bench",
     "demo",
     "doctor",
