@@ -255,6 +255,16 @@ def test_registry_config_change_keeps_the_same_kernel_socket(registry: Registry)
     assert current[1].identity.type == socket.SOCK_DGRAM
 
 
+def test_port_zero_keeps_its_socket_while_the_spec_is_unchanged(registry: Registry) -> None:
+    wanted = targets("tcp://127.0.0.1:0?name=a")
+    (first,), _ = registry.apply(wanted)
+    (again,), removed = registry.apply(targets("tcp://127.0.0.1:0?name=a"))
+    assert again is first and removed == []
+    (other,), removed = registry.apply(targets("tcp://127.0.0.1:0?name=b"))
+    assert other is not first and removed == [first]
+    first.sock.close()
+
+
 def test_registry_bind_failure_changes_nothing(registry: Registry) -> None:
     (held,), _ = registry.apply(targets("tcp://127.0.0.1:0"))
     with bind(*targets("tcp://127.0.0.1:0")) as busy:

@@ -170,3 +170,16 @@ def test_interop_with_systemd_notify(receiver: NotifyReceiver, procs: Procs) -> 
     # process); as root it can put that pid in SCM_CREDENTIALS, otherwise the
     # kernel stamps its own.
     assert got.pid == (os.getpid() if os.geteuid() == 0 else proc.pid)
+
+
+def test_full_receiver_queue_does_not_block_with_a_timeout(notify_env: NotifyReceiver) -> None:
+    """A service manager that stops reading must not wedge the sender
+    (the supervisor sends with timeout=0)."""
+    sent = 0
+    with pytest.raises(NotifyError, match="cannot notify"):
+        for _ in range(10_000):
+            notify("STATUS=x", timeout=0)
+            sent += 1
+    assert sent >= 1
+    while notify_env.receive() is not None:
+        pass

@@ -38,6 +38,7 @@ def notify(
     fds: Sequence[int] = (),
     unset_environment: bool = False,
     environ: MutableMapping[str, str] | None = None,
+    timeout: float | None = None,
 ) -> bool:
     """Send a notification to the service manager.
 
@@ -46,6 +47,8 @@ def notify(
         fds: fds to send along (``FDSTORE=1`` with ``FDNAME=``).
         unset_environment: remove ``NOTIFY_SOCKET`` afterwards.
         environ: environment to read; ``os.environ`` by default.
+        timeout: give up after this many seconds if the receiver's queue is
+            full (``0``: never block). ``None`` blocks, as sd_notify does.
 
     Returns:
         True if sent, False if there is no manager to tell.
@@ -61,11 +64,13 @@ def notify(
         data = state.encode() if isinstance(state, str) else format_message(state)
         address = notify_address(value)
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
             try:
                 sock.connect(address)
                 send_with_fds(sock, data, fds)
             except OSError as exc:
-                raise NotifyError(f"cannot notify {value}: {exc.strerror or exc}") from exc
+                reason = exc.strerror or "the receiver's queue is full"
+                raise NotifyError(f"cannot notify {value}: {reason}") from exc
         return True
     finally:
         if unset_environment:

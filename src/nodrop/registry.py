@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from nodrop.bind import BindTarget, apply_live_options, bind_all
 from nodrop.identity import Address, SocketIdentity, identify
+from nodrop.spec import ListenerSpec
 
 Key = tuple[int, int, int, Address]
 
@@ -26,10 +27,14 @@ class HeldSocket:
     sock: socket.socket
     identity: SocketIdentity
     name: str = "unknown"
+    spec: ListenerSpec | None = None
+    """The spec it was bound from, if we bound it (matches port-0 specs)."""
 
     @classmethod
-    def adopt(cls, sock: socket.socket, name: str = "unknown") -> HeldSocket:
-        return cls(sock, identify(sock), name)
+    def adopt(
+        cls, sock: socket.socket, name: str = "unknown", spec: ListenerSpec | None = None
+    ) -> HeldSocket:
+        return cls(sock, identify(sock), name, spec)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -53,9 +58,11 @@ class Plan:
 def plan(held: Iterable[HeldSocket], wanted: Sequence[BindTarget]) -> Plan:
     """Reconcile (pure: no syscalls).
 
-    A target with port 0 never matches a held socket: "any port" is a request
-    for a new one.
+    A target with port 0 ("any port") matches the socket that was bound from
+    the very same spec, so an unchanged config keeps its kernel-chosen port;
+    it never matches a socket bound or inherited otherwise.
     """
+    held = list(held)
     by_key: dict[Key, HeldSocket] = {}
     for item in held:
         by_key.setdefault(item.identity.key, item)
@@ -63,15 +70,26 @@ def plan(held: Iterable[HeldSocket], wanted: Sequence[BindTarget]) -> Plan:
     to_bind: list[BindTarget] = []
     used: set[int] = set()
     for target in wanted:
-        match = None if target.wildcard_port else by_key.get(target.key)
+        if target.wildcard_port:
+            match = next(
+                (
+                    h
+                    for h in held
+                    if h.spec == target.spec
+                    and id(h) not in used
+                    and h.identity.family == target.family
+                ),
+                None,
+            )
+        else:
+            match = by_key.get(target.key)
         if match is not None and id(match) not in used:
             used.add(id(match))
             keep.append((target, match))
         else:
             to_bind.append(target)
-    close = tuple(h for h in by_key.values() if id(h) not in used)
-    extra = [h for h in held if h not in by_key.values()]  # exact duplicates
-    return Plan(tuple(keep), tuple(to_bind), close + tuple(extra))
+    close = tuple(h for h in held if id(h) not in used)
+    return Plan(tuple(keep), tuple(to_bind), close)
 
 
 @dataclass
@@ -107,7 +125,7 @@ class Registry:
         the_plan = self.plan(targets)
         fresh = bind_all(the_plan.bind)
         new_by_target: dict[int, HeldSocket] = {
-            id(t): HeldSocket.adopt(s, t.name) for t, s in fresh
+            id(t): HeldSocket.adopt(s, t.name, t.spec) for t, s in fresh
         }
         for target, held in the_plan.keep:
             held.name = target.name

@@ -1,0 +1,52 @@
+"""``nodrop reload``: start the next generation; exit 0 when it serves, 1 on rollback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from nodrop.commands._control import add_control_argument, control_path
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "reload",
+        help="start the new generation; exit 0 when it serves, 1 if rolled back",
+        description=(
+            "Ask the supervisor to start the next generation (re-reading --config if it "
+            "has one) and wait for the outcome. Exits 0 once every new worker is ready "
+            "and the old generation is draining; exits 1, printing why, if the new "
+            "generation failed and was rolled back (the old one keeps serving). Reloads "
+            "asked for while one is starting are coalesced into one more reload."
+        ),
+    )
+    add_control_argument(parser)
+    parser.add_argument(
+        "--wait",
+        choices=["ready", "drained"],
+        default="ready",
+        help="return when the new generation is ready (default) or when the old one has exited",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="give up waiting after S seconds (exit 2; the reload goes on)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nodrop.supervisor.control import request
+
+    answer = request(control_path(args), "reload", wait=args.wait, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif answer.get("ok"):
+        print(f"{answer['message']} ({answer.get('duration', 0):.3f}s)")
+    else:
+        print(f"reload failed: {answer.get('message')}")
+    return 0 if answer.get("ok") else 1

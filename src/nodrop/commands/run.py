@@ -1,0 +1,173 @@
+"""``nodrop run``: start a server under the supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from nodrop.errors import ConfigError
+
+HELP = """\
+Start CMD as generation 1 with the listening sockets passed systemd-style
+(fds 3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID) and a NOTIFY_SOCKET to say
+READY=1 on. `nodrop reload` (or SIGHUP) starts the next generation and drains
+the old one only when every new worker is ready; if the new one fails, it is
+killed and the old one keeps serving.
+
+The supervisor binds the listeners once and keeps them for its whole life, so
+no connection is refused or reset between generations, and it never touches
+the data path: workers accept on the sockets themselves.
+"""
+
+EPILOG = """\
+examples:
+  nodrop run --listen tcp://0.0.0.0:8000 -- uvicorn app:app --fd 3
+  nodrop run --listen 'tcp://[::]:8000?name=web' --workers 4 -- ./server
+  nodrop run --listen tcp://127.0.0.1:8000 --ready delay:2 -- python -m http.server --help
+  nodrop run --config /etc/myapp/nodrop.toml
+
+signals: HUP reload, TERM/INT graceful stop (twice: kill now), USR1 forwarded to the
+active workers.
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a server; reload it with no dropped connection",
+        description=HELP,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--listen",
+        "-l",
+        action="append",
+        metavar="SPEC",
+        help="listener: tcp://HOST:PORT, udp://HOST:PORT, unix:/path or unix:@name, with "
+        "options like ?name=web&backlog=4096 (repeatable; see docs/deployment.md)",
+    )
+    parser.add_argument(
+        "--workers", "-w", type=int, help="worker processes per generation (default 1)"
+    )
+    parser.add_argument(
+        "--ready",
+        metavar="notify|delay:S",
+        help="when a worker counts as ready: when it sends READY=1 (default), or S seconds "
+        "after it started (for servers that cannot notify)",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        metavar="S",
+        help="roll back a generation not ready within S seconds (default 30)",
+    )
+    parser.add_argument(
+        "--ready-grace",
+        type=float,
+        metavar="S",
+        help="new workers must stay up S seconds after READY=1 before the old generation "
+        "drains; a crash in that window rolls back (default 0.5)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="S",
+        help="SIGKILL an old generation still running S seconds after the drain signal (default 30)",
+    )
+    parser.add_argument(
+        "--drain-signal",
+        metavar="SIG",
+        help="signal that tells an old generation to finish and exit (default SIGTERM)",
+    )
+    parser.add_argument(
+        "--max-draining",
+        type=int,
+        metavar="N",
+        help="generations allowed to drain at once; past it the oldest is killed (default 4)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=["inherit", "reuseport"],
+        help="how listeners reach generations (default inherit; see `nodrop doctor`)",
+    )
+    parser.add_argument(
+        "--allow-sysctl",
+        action="store_true",
+        default=None,
+        help="reuseport strategy: allow setting net.ipv4.tcp_migrate_req=1 when eBPF is unavailable",
+    )
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket (default $XDG_RUNTIME_DIR/nodrop/nodrop.sock or /run/nodrop/nodrop.sock)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with the same settings, re-read on every reload"
+    )
+    parser.add_argument(
+        "--no-tag-output",
+        action="store_true",
+        help="pass workers' stdout/stderr straight through instead of prefixing [gN.wI]",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    parser.set_defaults(func=run)
+
+
+def cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given explicitly on the command line."""
+    from nodrop.spec import parse_spec
+    from nodrop.supervisor.config import parse_ready, parse_signal, parse_strategy
+
+    command = list(args.command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    values: dict[str, Any] = {
+        "command": tuple(command) or None,
+        "listen": tuple(parse_spec(s) for s in args.listen) if args.listen else None,
+        "workers": args.workers,
+        "ready": parse_ready(args.ready) if args.ready else None,
+        "ready_timeout": args.ready_timeout,
+        "ready_grace": args.ready_grace,
+        "drain_timeout": args.drain_timeout,
+        "drain_signal": parse_signal(args.drain_signal) if args.drain_signal else None,
+        "max_draining": args.max_draining,
+        "strategy": parse_strategy(args.strategy) if args.strategy else None,
+        "allow_sysctl": args.allow_sysctl,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from nodrop.activation import listen_fds
+    from nodrop.registry import HeldSocket
+    from nodrop.supervisor.config import load_config
+    from nodrop.supervisor.control import default_control_path
+    from nodrop.supervisor.process import become_subreaper
+    from nodrop.supervisor.strategies import make_listeners
+    from nodrop.supervisor.supervisor import Supervisor, run_supervisor
+
+    values = cli_values(args)
+    config = load_config(args.config, values)
+    # Our own service manager may hand us listeners (systemd .socket units):
+    # they are kept and passed to every generation.
+    inherited = [HeldSocket.adopt(s.socket, s.name) for s in listen_fds(unset_environment=True)]
+    if not config.listen and not inherited:
+        raise ConfigError("nothing to listen on: give --listen SPEC (or `listen` in the config)")
+    service_notify = os.environ.pop("NOTIFY_SOCKET", None)
+    become_subreaper()
+    listeners = make_listeners(
+        config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
+    )
+    supervisor = Supervisor(
+        config,
+        listeners,
+        control_path=args.control or default_control_path(),
+        config_path=args.config,
+        cli_values=values,
+        tag_output=not args.no_tag_output,
+        service_notify_socket=service_notify,
+    )
+    return run_supervisor(supervisor)

@@ -1,0 +1,139 @@
+"""Generations and workers: the supervisor's state, as plain data.
+
+A *generation* is the set of N workers started from one config; a reload
+starts generation n+1 and, once every worker of it is ready, drains n.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodrop.registry import HeldSocket
+from nodrop.supervisor.config import RunConfig
+
+STDERR_TAIL_LINES = 10
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    EXITED = "exited"
+
+
+class GenState(enum.Enum):
+    STARTING = "starting"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class Worker:
+    generation: int
+    index: int
+    pid: int
+    state: WorkerState = WorkerState.STARTING
+    started: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    status_text: str = ""
+    stderr_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
+    )
+
+    @property
+    def label(self) -> str:
+        return f"g{self.generation}.w{self.index}"
+
+    def describe_exit(self) -> str:
+        code = self.exit_code
+        if code is None:
+            return "is running"
+        if code < 0:
+            return f"was killed by signal {-code}"
+        return f"exited with status {code}"
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "pid": self.pid,
+            "state": self.state.value,
+            "age": round(now - self.started, 3),
+            "restarts": self.restarts,
+            "exit_code": self.exit_code,
+            "status": self.status_text,
+        }
+
+
+@dataclass(eq=False)
+class Generation:
+    number: int
+    config: RunConfig
+    listeners: list[HeldSocket]
+    workers: list[Worker] = field(default_factory=list)
+    state: GenState = GenState.STARTING
+    started: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    drain_started: float | None = None
+    exited_at: float | None = None
+    note: str = ""
+
+    def live_workers(self) -> list[Worker]:
+        return [w for w in self.workers if w.state is not WorkerState.EXITED]
+
+    def all_ready(self) -> bool:
+        return bool(self.workers) and all(w.state is WorkerState.READY for w in self.workers)
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "generation": self.number,
+            "state": self.state.value,
+            "age": round(now - self.started, 3),
+            "ready_after": None
+            if self.ready_at is None
+            else round(self.ready_at - self.started, 3),
+            "draining_for": None
+            if self.drain_started is None or self.state is not GenState.DRAINING
+            else round(now - self.drain_started, 3),
+            "command": list(self.config.command),
+            "workers": [w.to_dict(now) for w in self.workers],
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What became of one reload: the answer ``nodrop reload`` prints."""
+
+    ok: bool
+    generation: int | None
+    message: str
+    started: float
+    finished: float
+    ready: float | None = None
+    old_generations: tuple[int, ...] = ()
+    old_exited: float | None = None
+
+    @property
+    def duration(self) -> float:
+        return self.finished - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "generation": self.generation,
+            "message": self.message,
+            "started": self.started,
+            "finished": self.finished,
+            "ready": self.ready,
+            "duration": round(self.duration, 6),
+            "old_generations": list(self.old_generations),
+            "old_exited": self.old_exited,
+        }

@@ -1,0 +1,77 @@
+"""Workers' stdout and stderr, passed through with a tag per worker.
+
+Each line becomes ``[g3.w1] original line`` on the supervisor's own stdout or
+stderr, so logs of overlapping generations stay readable. The last lines of
+each worker's stderr are kept for the message of a failed reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from typing import BinaryIO
+
+MAX_LINE = 64 * 1024
+
+
+class TaggedStream:
+    """Reads one pipe, writes tagged lines to ``sink``."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        tag: str,
+        sink: BinaryIO,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._tag = tag.encode() + b" "
+        self._sink = sink
+        self._on_line = on_line
+        self._partial = b""
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._read)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        self._emit(lines)
+
+    def _emit(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        self._sink.write(b"".join(self._tag + line + b"\n" for line in lines))
+        with contextlib.suppress(OSError, ValueError):
+            self._sink.flush()
+        if self._on_line is not None:
+            for line in lines:
+                self._on_line(line.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        if self._partial:
+            self._emit([self._partial])
+            self._partial = b""
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+
+    def fileno(self) -> int:
+        return self._fd

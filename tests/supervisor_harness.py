@@ -1,0 +1,108 @@
+"""Start `nodrop run` as a real process and talk to it like a user would."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conftest import CHILDREN, Procs
+from nodrop.notifyrecv import Notification, NotifyReceiver
+from nodrop.supervisor.control import request
+
+SERVER = [sys.executable, str(CHILDREN / "server.py")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, timeout: float = 5.0) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+@dataclass
+class Supervised:
+    proc: subprocess.Popen[bytes]
+    control: str
+    notify: NotifyReceiver
+    log_path: Path
+
+    def notification(self, timeout: float = 15.0) -> Notification:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.notify], [], [], remaining)[0]:
+                raise TimeoutError(f"no notification from the supervisor; log:\n{self.log()}")
+            note = self.notify.receive()
+            if note is not None:
+                return note
+
+    def wait_for_field(self, key: str, value: str = "1", timeout: float = 15.0) -> Notification:
+        while True:
+            note = self.notification(timeout)
+            if note.fields.get(key) == value:
+                return note
+
+    def reload(self, **extra: Any) -> dict[str, Any]:
+        return request(self.control, "reload", timeout=60, **extra)
+
+    def status(self) -> dict[str, Any]:
+        return request(self.control, "status", timeout=10)
+
+    def port(self, index: int = 0) -> int:
+        return int(self.status()["listeners"][index]["address"].rsplit(":", 1)[1])
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nodrop", *args, "--control", self.control],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        request(self.control, "stop", timeout=60)
+        return self.proc.wait(timeout=30)
+
+
+def start(
+    procs: Procs,
+    tmp_path: Path,
+    *run_args: str,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Supervised:
+    """`nodrop run RUN_ARGS -- COMMAND`, started as systemd would (NOTIFY_SOCKET)."""
+    control = str(tmp_path / "control.sock")
+    notify = NotifyReceiver(str(tmp_path / "service-notify.sock"))
+    log_path = tmp_path / "supervisor.log"
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NOTIFY_SOCKET=notify.path)
+    full_env.update(env or {})
+    argv = [sys.executable, "-m", "nodrop", "run", "--control", control, *run_args, "--"]
+    argv += command if command is not None else SERVER
+    with open(log_path, "wb") as log:
+        proc = procs.popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    sup = Supervised(proc, control, notify, log_path)
+    try:
+        sup.wait_for_field("READY")
+    except BaseException:
+        notify.close()
+        raise
+    return sup
