@@ -1,0 +1,1 @@
+"""The bundled demo: a small HTTP app and the `nodrop demo` driver."""
