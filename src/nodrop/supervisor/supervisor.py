@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from nodrop.errors import NodropError
 from nodrop.notify import notify as sd_notify
@@ -49,6 +49,17 @@ from nodrop.supervisor.model import (
 )
 from nodrop.supervisor.output import TaggedStream
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
+
+class Broker(Protocol):
+    """A companion service on the supervisor's loop (the connection broker of
+    keep-alive handoff): workers find it at ``$NODROP_HANDOFF``."""
+
+    path: str
+
+    async def start(self, supervisor: Supervisor) -> None: ...
+
+    def close(self) -> None: ...
+
 
 HISTORY = 50
 KEEP_EXITED_GENERATIONS = 5
@@ -73,6 +84,7 @@ class Supervisor:
         tag_output: bool = True,
         log: TextIO | None = None,
         service_notify_socket: str | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
@@ -83,6 +95,7 @@ class Supervisor:
         self.tag_output = tag_output
         self._log_stream = log or sys.stderr
         self._service_notify = service_notify_socket
+        self.broker = broker
         self.generations: list[Generation] = []
         self.active: Generation | None = None
         self.history: collections.deque[ReloadOutcome] = collections.deque(maxlen=HISTORY)
@@ -138,6 +151,8 @@ class Supervisor:
         try:
             self.control = ControlServer(bind_control(self.control_path), self._handle_control)
             await self.control.start()
+            if self.broker is not None:
+                await self.broker.start(self)
             outcome = await self._start_generation_and_wait(self.config, first=True)
             self.history.append(outcome)
             if not outcome.ok:
@@ -162,6 +177,8 @@ class Supervisor:
         env["NOTIFY_SOCKET"] = self.notify.path
         env["NODROP_GENERATION"] = str(gen.number)
         env["NODROP_WORKER"] = str(index)
+        if self.broker is not None:
+            env["NODROP_HANDOFF"] = self.broker.path
         fds = [h.fileno() for h in gen.listeners]
         names = [h.name for h in gen.listeners]
         pipes: list[tuple[int, int]] = []
@@ -481,10 +498,7 @@ class Supervisor:
             if note is None:
                 return
             note.close_fds()  # nodrop run keeps no fd store
-            entry = self._workers.get(note.pid)
-            if entry is None:
-                group = self.processes.group_of(note.pid)
-                entry = self._workers.get(group) if group is not None else None
+            entry = self.worker_of(note.pid)
             if entry is None:
                 continue
             worker, _gen = entry
@@ -601,10 +615,21 @@ class Supervisor:
             await self.control.aclose()
             with contextlib.suppress(OSError):
                 os.unlink(self.control_path)
+        if self.broker is not None:
+            self.broker.close()
         if self.notify is not None:
             loop.remove_reader(self.notify.fileno())
             self.notify.close()
         self.listeners.close()
+
+    # -- queries for companions (the connection broker) -------------------------
+    def worker_of(self, pid: int) -> tuple[Worker, Generation] | None:
+        """The worker (and its generation) that ``pid`` is, or belongs to."""
+        entry = self._workers.get(pid)
+        if entry is None:
+            group = self.processes.group_of(pid)
+            entry = self._workers.get(group) if group is not None else None
+        return entry
 
     # -- control ----------------------------------------------------------------
     async def _handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
