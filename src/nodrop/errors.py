@@ -76,3 +76,11 @@ class NetnsError(NodropError, OSError):
 
 class LoadError(NodropError):
     """The load generator could not run (a worker failed, hung or was misconfigured)."""
+
+
+class HolderError(NodropError):
+    """The socket holder (``nodrop hold``) could not be reached or refused a request."""
+
+
+class UpgradeError(NodropError):
+    """A self-upgrade was refused: not ready yet, one already running, or done."""

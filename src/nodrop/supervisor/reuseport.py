@@ -6,7 +6,8 @@ every reload. The supervisor keeps its copy of a generation's sockets only
 while that generation is starting or active (to restart crashed workers); when
 the generation drains it drops them, so the sockets close with the old
 workers. What happens to the connections queued on them then depends on the
-migration method, chosen once at start-up (``nodrop doctor`` shows it):
+migration method, chosen once at start-up (``nodrop doctor`` shows it;
+``NODROP_MIGRATION`` forces it, see :mod:`nodrop.supervisor.steering_probe`):
 
 * ``ebpf``: a BPF_PROG_TYPE_SK_REUSEPORT program (SELECT_OR_MIGRATE) per
   address steers every new connection to the active generation's listener,
@@ -18,25 +19,36 @@ migration method, chosen once at start-up (``nodrop doctor`` shows it):
 * ``none``: the old generation's queued connections may be reset (a warning
   at start and in ``status``).
 
+A port-0 spec (``tcp://127.0.0.1:0``) keeps the port the kernel gave the
+first generation: later generations bind that port, in the same group.
+
+UDP listeners join SO_REUSEPORT groups too. With ``ebpf`` the same program
+steers new datagrams to the active generation's socket (a sockarray accepts
+bound UDP sockets); nothing migrates for UDP, so datagrams still unread in the
+old generation's receive buffer when it closes are lost -- a draining server
+should read its UDP sockets until empty before exiting. Without eBPF the
+kernel hashes datagrams across both generations until the old one closes.
+
 Unix sockets have no SO_REUSEPORT groups: they are held once and shared, as in
 the ``inherit`` strategy.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import errno
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from nodrop.bind import bind_all, resolve_all
-from nodrop.bpf import ReuseportSteering
+from nodrop.bind import BindTarget, bind_all, resolve_all
+from nodrop.bpf import ReuseportSteering, socket_cookie
 from nodrop.errors import BpfError, ConfigError, NodropError
 from nodrop.identity import Address
 from nodrop.registry import HeldSocket
 from nodrop.supervisor.config import RunConfig
 from nodrop.supervisor.listeners import InheritListeners, describe
-from nodrop.supervisor.steering_probe import MIGRATE_SYSCTL, choose_method
+from nodrop.supervisor.steering_probe import FORCE_ENV, MIGRATE_SYSCTL, choose_method
 
 NO_MIGRATION_WARNING = (
     "no socket migration (eBPF unavailable and net.ipv4.tcp_migrate_req=0): "
@@ -44,9 +56,65 @@ NO_MIGRATION_WARNING = (
     "run `nodrop doctor`, or use --allow-sysctl, or the inherit strategy"
 )
 
+Key = tuple[int, int, int, Address]
+
+
+def _same_listener(held: HeldSocket, target: BindTarget) -> bool:
+    """``held`` was bound from a port-0 spec that ``target`` also comes from.
+
+    Options (backlog...) may differ: changing them must not move the port.
+    """
+    spec = held.spec
+    return (
+        spec is not None
+        and spec.port == 0
+        and spec.transport == target.spec.transport
+        and spec.options.name == target.spec.options.name
+        and held.identity.family == target.family
+        and held.identity.type == target.type
+        and held.identity.address[1] == target.address[1]
+    )
+
+
+def pin_wildcard_ports(
+    targets: Sequence[BindTarget], active: Sequence[HeldSocket]
+) -> list[BindTarget]:
+    """Give each port-0 target the port its active listener got (pure).
+
+    A target matches an active socket bound from a port-0 spec with the same
+    transport, host, family and name; each active socket is used once. A
+    target with no match keeps port 0 (the kernel picks one).
+    """
+    used: set[int] = set()
+    out: list[BindTarget] = []
+    for target in targets:
+        if target.wildcard_port:
+            match = next(
+                (h for h in active if id(h) not in used and _same_listener(h, target)), None
+            )
+            if match is not None:
+                used.add(id(match))
+                port = int(match.identity.address[2])
+                target = dataclasses.replace(
+                    target, sockaddr=(target.sockaddr[0], port, *target.sockaddr[2:])
+                )
+        out.append(target)
+    return out
+
 
 class ReuseportListeners:
-    """Per-generation SO_REUSEPORT listeners with kernel migration."""
+    """Per-generation SO_REUSEPORT listeners with kernel migration.
+
+    Args:
+        config: the first generation's config (for ``allow_sysctl``).
+        inherited: sockets from our own service manager, passed on as is.
+        log: where start-up decisions are written.
+        method: force ``ebpf``, ``sysctl`` or ``none`` (default: the
+            environment's ``NODROP_MIGRATION``, else :func:`choose_method`).
+
+    Raises:
+        ConfigError: a forced method is unavailable.
+    """
 
     def __init__(
         self,
@@ -57,17 +125,21 @@ class ReuseportListeners:
         method: str | None = None,
     ) -> None:
         self._log = log
-        self.method, reason = (method, "given") if method else choose_method(config.allow_sysctl)
-        log(f"reuseport strategy: migration by {self.method} ({reason})")
+        self.method, self.reason = (
+            (method, "given") if method else choose_method(config.allow_sysctl)
+        )
+        log(f"reuseport strategy: migration by {self.method} ({self.reason})")
         if self.method == "none":
             log(f"warning: {NO_MIGRATION_WARNING}")
         self._unix = InheritListeners(inherited)
-        self._steering: dict[tuple[int, int, int, Address], ReuseportSteering] = {}
+        self._steering: dict[Key, ReuseportSteering] = {}
         self._ours: list[HeldSocket] = []  # reuseport sockets we still hold a copy of
         self._active: list[HeldSocket] = []
+        self._warnings: list[str] = []
 
+    # -- steering ---------------------------------------------------------------
     def _steering_for(self, held: HeldSocket) -> ReuseportSteering | None:
-        if self.method != "ebpf" or held.identity.type != socket.SOCK_STREAM:
+        if self.method != "ebpf":
             return None
         key = held.identity.key
         steering = self._steering.get(key)
@@ -79,9 +151,38 @@ class ReuseportListeners:
             self._steering[key] = steering
         return steering
 
+    def _steer(self, held: HeldSocket, *, first_only: bool) -> None:
+        """Attach (on first use) and, unless ``first_only`` finds the slot
+        taken, point the address's steering at ``held``."""
+        steering = self._steering_for(held)
+        if steering is None:
+            return
+        try:
+            if first_only:
+                # Attaching again through a socket of the same group replaces
+                # the group's program by the same one: harmless, and it makes
+                # sure a group re-created after every socket closed has it.
+                steering.attach(held.sock)
+                if steering.active_cookie() is not None:
+                    return  # the active generation owns this address
+            elif steering.active_cookie() == socket_cookie(held.sock):
+                return
+            steering.steer_to(held.sock)
+        except BpfError as exc:
+            if held.identity.type == socket.SOCK_STREAM or exc.errno == errno.EBADF:
+                raise
+            # UDP steering is a bonus (nothing migrates for UDP): say so, go on.
+            self._note(f"no eBPF steering for {describe(held)['identity']}: {exc}")
+
+    def _note(self, message: str) -> None:
+        if message not in self._warnings:
+            self._warnings.append(message)
+            self._log(f"warning: {message}")
+
+    # -- ListenerProvider -------------------------------------------------------
     def prepare(self, config: RunConfig) -> list[HeldSocket]:
         targets = resolve_all(config.listen)
-        inet = [t for t in targets if t.family != socket.AF_UNIX]
+        inet = pin_wildcard_ports([t for t in targets if t.family != socket.AF_UNIX], self._active)
         unix_config = RunConfig(
             command=config.command,
             listen=tuple(t.spec for t in targets if t.family == socket.AF_UNIX),
@@ -92,14 +193,13 @@ class ReuseportListeners:
         except NodropError:
             self._unix.abort(shared)
             raise
-        fresh = [HeldSocket.adopt(sock, target.name) for target, sock in bound]
+        fresh = [HeldSocket.adopt(sock, target.name, target.spec) for target, sock in bound]
         try:
             for held in fresh:
-                steering = self._steering_for(held)
-                if steering is not None:
-                    steering.attach(held.sock)
-                    if steering.active_cookie() is None:
-                        steering.steer_to(held.sock)  # first generation of this address
+                # A first generation (or a new address) is steered to at once:
+                # nobody else serves there. Otherwise the active generation
+                # keeps every new connection until this one is ready.
+                self._steer(held, first_only=True)
         except NodropError:
             for held in fresh:
                 held.sock.close()
@@ -110,13 +210,10 @@ class ReuseportListeners:
 
     def activate(self, listeners: Sequence[HeldSocket]) -> None:
         self._unix.activate(listeners)
-        for held in listeners:
-            if held in self._ours:
-                steering = self._steering_for(held)
-                if steering is not None:
-                    with contextlib.suppress(BpfError):  # EBUSY: already steered there
-                        steering.steer_to(held.sock)
-        self._active = [h for h in listeners if h in self._ours]
+        mine = [h for h in listeners if h in self._ours]
+        for held in mine:
+            self._steer(held, first_only=False)
+        self._active = mine
 
     def _drop(self, listeners: Iterable[HeldSocket]) -> None:
         for held in listeners:
@@ -125,6 +222,9 @@ class ReuseportListeners:
                 held.sock.close()
 
     def abort(self, listeners: Sequence[HeldSocket]) -> None:
+        # The failed generation's workers may still hold its sockets while
+        # they drain; steering never pointed at them for an address the
+        # active generation serves, so nothing new reaches them.
         self._drop(listeners)
         self._unix.abort(listeners)
 
@@ -136,18 +236,29 @@ class ReuseportListeners:
     def collect(self, live: Iterable[Sequence[HeldSocket]]) -> None:
         groups = list(live)
         self._unix.collect(groups)
-        used = {h.identity.key for group in groups for h in group if h in self._ours}
+        # Keep an address's steering while any live generation (draining
+        # ones included: their workers still hold the sockets) is on it.
+        used = {h.identity.key for group in groups for h in group}
         for key in [k for k in self._steering if k not in used]:
             self._steering.pop(key).close()
 
     def status(self) -> list[dict[str, Any]]:
-        out = [describe(h) for h in self._active if h.sock.fileno() >= 0]
-        for item in out:
+        out = []
+        for held in self._active:
+            if held.sock.fileno() < 0:
+                continue
+            item = describe(held)
             item["migration"] = self.method
+            steering = self._steering.get(held.identity.key)
+            item["steered"] = steering is not None and steering.active_cookie() == socket_cookie(
+                held.sock
+            )
+            out.append(item)
         return out + self._unix.status()
 
     def warnings(self) -> list[str]:
-        return [NO_MIGRATION_WARNING] if self.method == "none" else []
+        base = [NO_MIGRATION_WARNING] if self.method == "none" else []
+        return base + list(self._warnings)
 
     def close(self) -> None:
         self._drop(list(self._ours))
@@ -157,4 +268,10 @@ class ReuseportListeners:
         self._unix.close()
 
 
-__all__ = ["MIGRATE_SYSCTL", "NO_MIGRATION_WARNING", "ReuseportListeners"]
+__all__ = [
+    "FORCE_ENV",
+    "MIGRATE_SYSCTL",
+    "NO_MIGRATION_WARNING",
+    "ReuseportListeners",
+    "pin_wildcard_ports",
+]

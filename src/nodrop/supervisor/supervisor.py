@@ -50,6 +50,7 @@ from nodrop.supervisor.model import (
 from nodrop.supervisor.output import TaggedStream
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 
+
 class Broker(Protocol):
     """A companion service on the supervisor's loop (the connection broker of
     keep-alive handoff): workers find it at ``$NODROP_HANDOFF``."""
