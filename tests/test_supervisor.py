@@ -337,3 +337,34 @@ def test_bad_command_lines_are_clear_errors(tmp_path: Path, args: list[str], err
     )
     assert done.returncode == 2
     assert error in done.stderr
+
+
+def test_reexec_keeps_serving_with_the_same_pid_sockets_and_workers(supervise: Start) -> None:
+    sup = supervise("--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05")
+    before = sup.status()
+    workers_before = [w["pid"] for w in before["generations"][0]["workers"]]
+    inode_before = before["listeners"][0]["inode"]
+    port = sup.port()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(
+            run_load,
+            LoadConfig(host="127.0.0.1", port=port, mode=Mode.CLOSE, concurrency=8, duration=3.0, processes=1),
+        )
+        outputs = [sup.cli("reexec") for _ in range(3)]
+        result = load.result()
+    for done in outputs:
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "re-exec #3" in outputs[-1].stdout
+    assert result.failed == 0, result.outcomes
+    assert result.ok > 100
+    after = sup.status()
+    assert after["pid"] == before["pid"] == sup.proc.pid
+    assert after["reexecs"] == 3
+    assert [w["pid"] for w in after["generations"][0]["workers"]] == workers_before
+    assert after["listeners"][0]["inode"] == inode_before
+    # The re-executed supervisor still reloads, reaps and stops.
+    answer = sup.reload(wait="drained")
+    assert answer["ok"] and answer["old_exited"] is not None
+    for pid in workers_before:
+        assert not os.path.exists(f"/proc/{pid}")
+    assert sup.stop() == 0

@@ -64,6 +64,22 @@ class NotifyReceiver:
             self.close()
             raise
 
+    @classmethod
+    def adopt(cls, sock: socket.socket, path: str, tmpdir: str | None) -> NotifyReceiver:
+        """Take over a receiver's socket (a re-executed supervisor keeps its
+        notify socket, so workers' NOTIFY_SOCKET stays valid)."""
+        self = cls.__new__(cls)
+        self._tmpdir = tmpdir
+        self.path = path
+        self.max_fds = 253
+        self.sock = sock
+        self.sock.setblocking(False)
+        return self
+
+    @property
+    def private_dir(self) -> str | None:
+        return self._tmpdir
+
     def fileno(self) -> int:
         return self.sock.fileno()
 

@@ -143,13 +143,30 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from nodrop.activation import listen_fds
     from nodrop.registry import HeldSocket
-    from nodrop.supervisor.config import load_config
+    from nodrop.supervisor.config import config_from_dict, load_config
     from nodrop.supervisor.control import default_control_path
     from nodrop.supervisor.process import become_subreaper
+    from nodrop.supervisor.reexec import load_state, restore
     from nodrop.supervisor.strategies import make_listeners
     from nodrop.supervisor.supervisor import Supervisor, run_supervisor
 
     values = cli_values(args)
+    state = load_state()
+    if state is not None:  # we are `nodrop reexec`'s new program
+        restored, resume = restore(state)
+        supervisor = Supervisor(
+            config_from_dict(state["config"]),
+            restored,
+            control_path=state["control"]["path"],
+            config_path=args.config,
+            cli_values=values,
+            tag_output=not args.no_tag_output,
+            service_notify_socket=state["service_notify"],
+            resume=resume,
+        )
+        os.environ.pop("NOTIFY_SOCKET", None)
+        become_subreaper()
+        return run_supervisor(supervisor)
     config = load_config(args.config, values)
     # Our own service manager may hand us listeners (systemd .socket units):
     # they are kept and passed to every generation.

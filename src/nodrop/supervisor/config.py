@@ -27,7 +27,7 @@ import os
 import signal
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nodrop.errors import ConfigError, SpecError
@@ -252,5 +252,36 @@ def worker_env(config: RunConfig, base: Mapping[str, str] = os.environ) -> dict[
     return env
 
 
-def with_overrides(config: RunConfig, **changes: Any) -> RunConfig:
-    return replace(config, **changes).validate()
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """JSON-able form (for `nodrop reexec`); inverse of :func:`config_from_dict`."""
+    return {
+        "command": list(config.command),
+        "listen": [spec.text or str(spec) for spec in config.listen],
+        "workers": config.workers,
+        "ready": str(config.ready),
+        "ready_timeout": config.ready_timeout,
+        "ready_grace": config.ready_grace,
+        "drain_timeout": config.drain_timeout,
+        "drain_signal": int(config.drain_signal),
+        "strategy": config.strategy.value,
+        "max_draining": config.max_draining,
+        "env": [list(pair) for pair in config.env],
+        "allow_sysctl": config.allow_sysctl,
+    }
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return RunConfig(
+        command=tuple(data["command"]),
+        listen=tuple(parse_spec(text) for text in data["listen"]),
+        workers=data["workers"],
+        ready=parse_ready(data["ready"]),
+        ready_timeout=data["ready_timeout"],
+        ready_grace=data["ready_grace"],
+        drain_timeout=data["drain_timeout"],
+        drain_signal=signal.Signals(data["drain_signal"]),
+        strategy=Strategy(data["strategy"]),
+        max_draining=data["max_draining"],
+        env=tuple((k, v) for k, v in data["env"]),
+        allow_sysctl=data["allow_sysctl"],
+    )

@@ -128,7 +128,10 @@ class ControlServer:
                 await _reply(writer, {"ok": False, "message": f"bad request: {exc}"})
                 return
             response = await self._handler(request)
+            after = response.pop("_after", None)
             await _reply(writer, response)
+            if after is not None:
+                after()  # e.g. re-exec, once the answer is on its way
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -120,3 +120,23 @@ class InheritListeners:
             held.sock.close()
         self._held = []
         self._registry.sockets = []
+
+    # -- across `nodrop reexec` ------------------------------------------------
+    def export_state(self) -> tuple[dict[str, Any], list[HeldSocket]]:
+        """What a re-executed supervisor needs: every held socket (by index
+        into the returned list) and which are current and inherited."""
+        held = list(self._held)
+        index = {id(h): i for i, h in enumerate(held)}
+        state = {
+            "current": [index[id(h)] for h in self._registry.sockets],
+            "inherited": [index[id(h)] for h in self._inherited if id(h) in index],
+        }
+        return state, held
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], held: list[HeldSocket]) -> InheritListeners:
+        inherited = [held[i] for i in state["inherited"]]
+        self = cls(inherited)
+        self._held = list(held)
+        self._registry.sockets = [held[i] for i in state["current"]]
+        return self

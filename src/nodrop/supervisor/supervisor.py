@@ -31,6 +31,7 @@ from typing import Any, Protocol, TextIO
 from nodrop.errors import NodropError
 from nodrop.notify import notify as sd_notify
 from nodrop.notifyrecv import NotifyReceiver
+from nodrop.supervisor import reexec
 from nodrop.supervisor.config import (
     DEFAULT_RESTART_BACKOFF,
     ReadyMode,
@@ -86,6 +87,7 @@ class Supervisor:
         log: TextIO | None = None,
         service_notify_socket: str | None = None,
         broker: Broker | None = None,
+        resume: reexec.Resume | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
@@ -117,6 +119,8 @@ class Supervisor:
         self.notify: NotifyReceiver | None = None
         self.control: ControlServer | None = None
         self.started = time.monotonic()
+        self.reexecs = 0
+        self._resume = resume
 
     # -- logging and systemd ------------------------------------------------
     def log(self, message: str) -> None:
@@ -142,18 +146,40 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopped = loop.create_future()
-        self.notify = NotifyReceiver()
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self.notify = NotifyReceiver.adopt(
+                reexec.adopt_socket(resume.state["notify"]["fd"]),
+                resume.state["notify"]["path"],
+                resume.state["notify"]["dir"],
+            )
+            control_sock = reexec.adopt_socket(resume.state["control"]["fd"])
+            control_sock.setblocking(False)
+        else:
+            self.notify = NotifyReceiver()
+            control_sock = bind_control(self.control_path)
         loop.add_reader(self.notify.fileno(), self._on_notify)
         loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
         loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
+        # Signals held across a re-exec are delivered from here on.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, reexec.HELD_SIGNALS)
         try:
-            self.control = ControlServer(bind_control(self.control_path), self._handle_control)
+            self.control = ControlServer(control_sock, self._handle_control)
             await self.control.start()
             if self.broker is not None:
                 await self.broker.start(self)
+            if resume is not None:
+                self._restore(resume)
+                self.log(
+                    f"re-executed (#{self.reexecs}): generation "
+                    f"{self.active.number if self.active else '-'} still serving, "
+                    f"{len(self._workers)} worker(s) adopted"
+                )
+                self._tell_service_manager(STATUS=self._status_line())
+                return await self._stopped
             outcome = await self._start_generation_and_wait(self.config, first=True)
             self.history.append(outcome)
             if not outcome.ok:
@@ -169,6 +195,53 @@ class Supervisor:
             return await self._stopped
         finally:
             await self._shutdown()
+
+    def _restore(self, resume: reexec.Resume) -> None:
+        """Take over what the previous program ran (see :mod:`.reexec`)."""
+        assert self._loop is not None
+        state = resume.state
+        self._next_number = state["next_number"]
+        self.history.extend(reexec.outcome_from(o) for o in state["history"])
+        self.warnings_log.extend(state["warnings"])
+        self.started = state["started"]
+        self.reexecs = state["reexecs"]
+        now = time.monotonic()
+        for gen, workers in resume.generations:
+            self.generations.append(gen)
+            self._changed[gen.number] = asyncio.Event()
+            self._drained[gen.number] = self._loop.create_future()
+            if gen.state is GenState.ACTIVE:
+                self.active = gen
+            for worker, streams in workers:
+                if worker.state is WorkerState.EXITED:
+                    continue
+                self._workers[worker.pid] = (worker, gen)
+                if len(streams) == 2:
+                    tag = f"[{worker.label}]"
+                    self._streams[worker.pid] = [
+                        TaggedStream(self._loop, streams[0], tag, sys.stdout.buffer),
+                        TaggedStream(
+                            self._loop,
+                            streams[1],
+                            tag,
+                            sys.stderr.buffer,
+                            worker.stderr_tail.append,
+                        ),
+                    ]
+            if gen.drain_started is not None and gen.live_workers():
+                left = gen.drain_started + gen.config.drain_timeout - now
+                self._kill_timers[gen.number] = self._loop.call_later(
+                    max(0.0, left), self._drain_timeout, gen
+                )
+            elif gen.state in (GenState.EXITED, GenState.FAILED) and not gen.live_workers():
+                self._drained[gen.number].set_result(gen.exited_at or now)
+        # Children that exited while we were exec'ing are reaped now; restarts
+        # that were pending are scheduled again.
+        self._on_sigchld()
+        if self.active is not None:
+            for worker in self.active.workers:
+                if worker.state is WorkerState.EXITED:
+                    self._schedule_restart(self.active, worker)
 
     # -- generations ----------------------------------------------------------
     def _spawn_worker(self, gen: Generation, index: int, restarts: int = 0) -> Worker:
@@ -640,12 +713,30 @@ class Supervisor:
             return outcome.to_dict()
         if cmd == "status":
             return {"ok": True, **self.status()}
+        if cmd == "reexec":
+            if self._current is not None or self._stopping:
+                return {
+                    "ok": False,
+                    "message": "a reload is in progress or the supervisor is stopping; try again",
+                }
+            try:
+                reexec.snapshot(self)  # refuse now, with the reason, if it cannot work
+            except NodropError as exc:
+                return {"ok": False, "message": str(exc)}
+            self.log("re-executing the supervisor's program (nodrop reexec)")
+            return {"ok": True, "message": "re-executing", "_after": self._reexec}
         if cmd == "stop":
             self.stop()
             assert self._stopped is not None
             await asyncio.shield(self._stopped)
             return {"ok": True, "message": "stopped: every generation has exited"}
         return {"ok": False, "message": f"{cmd} is not supported by this supervisor"}
+
+    def _reexec(self) -> None:
+        try:
+            reexec.execute(self)
+        except NodropError as exc:
+            self.warn(str(exc))
 
     def _status_line(self) -> str:
         gen = self.active
@@ -660,6 +751,7 @@ class Supervisor:
         return {
             "pid": os.getpid(),
             "uptime": round(now - self.started, 3),
+            "reexecs": self.reexecs,
             "strategy": self.config.strategy.value,
             "control": self.control_path,
             "active_generation": None if self.active is None else self.active.number,
