@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from nodrop.supervisor.control import request  # noqa: E402
+from nodrop.supervisor.control import request
 
 WORKER = (
     "import os,socket,signal;"
