@@ -16,11 +16,13 @@ not lost.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ from nodrop.registry import HeldSocket
 from nodrop.supervisor.config import config_from_dict, config_to_dict
 from nodrop.supervisor.listeners import InheritListeners
 from nodrop.supervisor.model import Generation, GenState, ReloadOutcome, Worker, WorkerState
+from nodrop.supervisor.output import TaggedStream
 
 if TYPE_CHECKING:
     from nodrop.supervisor.supervisor import Supervisor
@@ -251,3 +254,51 @@ def outcome_from(data: dict[str, Any]) -> ReloadOutcome:
         tuple(data["old_generations"]),
         data["old_exited"],
     )
+
+
+def adopt(sup: Supervisor, resume: Resume) -> None:
+    """Make ``sup`` take over what the previous program ran."""
+    assert sup._loop is not None
+    state = resume.state
+    sup._next_number = state["next_number"]
+    sup.history.extend(outcome_from(o) for o in state["history"])
+    sup.warnings_log.extend(state["warnings"])
+    sup.started = state["started"]
+    sup.reexecs = state["reexecs"]
+    now = time.monotonic()
+    for gen, workers in resume.generations:
+        sup.generations.append(gen)
+        sup._changed[gen.number] = asyncio.Event()
+        sup._drained[gen.number] = sup._loop.create_future()
+        if gen.state is GenState.ACTIVE:
+            sup.active = gen
+        for worker, streams in workers:
+            if worker.state is WorkerState.EXITED:
+                continue
+            sup._workers[worker.pid] = (worker, gen)
+            if len(streams) == 2:
+                tag = f"[{worker.label}]"
+                sup._streams[worker.pid] = [
+                    TaggedStream(sup._loop, streams[0], tag, sys.stdout.buffer),
+                    TaggedStream(
+                        sup._loop,
+                        streams[1],
+                        tag,
+                        sys.stderr.buffer,
+                        worker.stderr_tail.append,
+                    ),
+                ]
+        if gen.drain_started is not None and gen.live_workers():
+            left = gen.drain_started + gen.config.drain_timeout - now
+            sup._kill_timers[gen.number] = sup._loop.call_later(
+                max(0.0, left), sup._drain_timeout, gen
+            )
+        elif gen.state in (GenState.EXITED, GenState.FAILED) and not gen.live_workers():
+            sup._drained[gen.number].set_result(gen.exited_at or now)
+    # Children that exited while we were exec'ing are reaped now; restarts
+    # that were pending are scheduled again.
+    sup._on_sigchld()
+    if sup.active is not None:
+        for worker in sup.active.workers:
+            if worker.state is WorkerState.EXITED:
+                sup._schedule_restart(sup.active, worker)

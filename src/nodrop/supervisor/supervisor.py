@@ -172,7 +172,7 @@ class Supervisor:
             if self.broker is not None:
                 await self.broker.start(self)
             if resume is not None:
-                self._restore(resume)
+                reexec.adopt(self, resume)
                 self.log(
                     f"re-executed (#{self.reexecs}): generation "
                     f"{self.active.number if self.active else '-'} still serving, "
@@ -195,53 +195,6 @@ class Supervisor:
             return await self._stopped
         finally:
             await self._shutdown()
-
-    def _restore(self, resume: reexec.Resume) -> None:
-        """Take over what the previous program ran (see :mod:`.reexec`)."""
-        assert self._loop is not None
-        state = resume.state
-        self._next_number = state["next_number"]
-        self.history.extend(reexec.outcome_from(o) for o in state["history"])
-        self.warnings_log.extend(state["warnings"])
-        self.started = state["started"]
-        self.reexecs = state["reexecs"]
-        now = time.monotonic()
-        for gen, workers in resume.generations:
-            self.generations.append(gen)
-            self._changed[gen.number] = asyncio.Event()
-            self._drained[gen.number] = self._loop.create_future()
-            if gen.state is GenState.ACTIVE:
-                self.active = gen
-            for worker, streams in workers:
-                if worker.state is WorkerState.EXITED:
-                    continue
-                self._workers[worker.pid] = (worker, gen)
-                if len(streams) == 2:
-                    tag = f"[{worker.label}]"
-                    self._streams[worker.pid] = [
-                        TaggedStream(self._loop, streams[0], tag, sys.stdout.buffer),
-                        TaggedStream(
-                            self._loop,
-                            streams[1],
-                            tag,
-                            sys.stderr.buffer,
-                            worker.stderr_tail.append,
-                        ),
-                    ]
-            if gen.drain_started is not None and gen.live_workers():
-                left = gen.drain_started + gen.config.drain_timeout - now
-                self._kill_timers[gen.number] = self._loop.call_later(
-                    max(0.0, left), self._drain_timeout, gen
-                )
-            elif gen.state in (GenState.EXITED, GenState.FAILED) and not gen.live_workers():
-                self._drained[gen.number].set_result(gen.exited_at or now)
-        # Children that exited while we were exec'ing are reaped now; restarts
-        # that were pending are scheduled again.
-        self._on_sigchld()
-        if self.active is not None:
-            for worker in self.active.workers:
-                if worker.state is WorkerState.EXITED:
-                    self._schedule_restart(self.active, worker)
 
     # -- generations ----------------------------------------------------------
     def _spawn_worker(self, gen: Generation, index: int, restarts: int = 0) -> Worker:
@@ -764,6 +717,7 @@ class Supervisor:
             "crash_loop": crash_restarts >= CRASH_LOOP_RESTARTS,
             "warnings": warnings,
             "summary": self._status_line(),
+            "handoff": None if self.broker is None else getattr(self.broker, "stats", dict)(),
         }
 
 
