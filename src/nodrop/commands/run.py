@@ -16,9 +16,13 @@ READY=1 on. `nodrop reload` (or SIGHUP) starts the next generation and drains
 the old one only when every new worker is ready; if the new one fails, it is
 killed and the old one keeps serving.
 
-The supervisor binds the listeners once and keeps them for its whole life, so
-no connection is refused or reset between generations, and it never touches
-the data path: workers accept on the sockets themselves.
+With the default inherit strategy the supervisor binds the listeners once and
+keeps them for its whole life, so no connection is refused or reset between
+generations. With --strategy reuseport each generation gets fresh SO_REUSEPORT
+listeners (options and addresses may change on every reload) and the kernel
+migrates the old generation's queued connections (see `nodrop doctor`). Either
+way the supervisor never touches the data path: workers accept on the sockets
+themselves.
 """
 
 EPILOG = """\
@@ -112,6 +116,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="pass workers' stdout/stderr straight through instead of prefixing [gN.wI]",
     )
+    parser.add_argument(
+        "--handoff",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the connection broker ($NODROP_HANDOFF) so draining workers can hand idle "
+        "keep-alive connections to the new generation (default on; see docs/keepalive.md)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     parser.set_defaults(func=run)
 
@@ -147,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.supervisor.control import default_control_path
     from nodrop.supervisor.process import become_subreaper
     from nodrop.supervisor.reexec import load_state, restore
+    from nodrop.supervisor.broker import ConnectionBroker
     from nodrop.supervisor.strategies import make_listeners
     from nodrop.supervisor.supervisor import Supervisor, run_supervisor
 
@@ -186,5 +198,6 @@ def run(args: argparse.Namespace) -> int:
         cli_values=values,
         tag_output=not args.no_tag_output,
         service_notify_socket=service_notify,
+        broker=ConnectionBroker.in_private_dir() if args.handoff else None,
     )
     return run_supervisor(supervisor)
