@@ -39,6 +39,7 @@ __all__ = [
     "Insn",
     "ReuseportSteering",
     "add64_imm",
+    "bpf_call",
     "call",
     "encode",
     "exit_",
@@ -215,7 +216,7 @@ def _bpf_nr() -> int:
         ) from None
 
 
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+def bpf_call(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     """Call bpf(2); return its result or raise BpfError naming ``what``."""
     nr = ctypes.c_long(_bpf_nr())
     ret = int(_syscall(nr, ctypes.c_long(cmd), attr, ctypes.c_long(ATTR_SIZE)))
@@ -234,7 +235,7 @@ def _create_map() -> int:
     # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node
     struct.pack_into("=IIIIIII", attr, 0, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, 1, 0, 0, 0)
     struct.pack_into("16s", attr, 28, MAP_NAME)  # map_name
-    return _bpf(BPF_MAP_CREATE, attr, "MAP_CREATE reuseport_sockarray")
+    return bpf_call(BPF_MAP_CREATE, attr, "MAP_CREATE reuseport_sockarray")
 
 
 def _load_prog(insns: bytes, attach_type: int, log: ctypes.Array[ctypes.c_char] | None) -> int:
@@ -256,7 +257,7 @@ def _load_prog(insns: bytes, attach_type: int, log: ctypes.Array[ctypes.c_char] 
     )
     struct.pack_into("16s", attr, 48, PROG_NAME)  # prog_name
     struct.pack_into("=I", attr, 68, attach_type)  # expected_attach_type
-    return _bpf(BPF_PROG_LOAD, attr, "PROG_LOAD sk_reuseport")
+    return bpf_call(BPF_PROG_LOAD, attr, "PROG_LOAD sk_reuseport")
 
 
 def load_program(map_fd: int, attach_type: int) -> int:
@@ -291,7 +292,7 @@ def _map_elem(cmd: int, map_fd: int, value: int | None, what: str) -> int:
     # rejects (EINVAL) non-zero bytes past the last field a command uses.
     value_ptr = 0 if cmd == BPF_MAP_DELETE_ELEM else _addr(val)
     struct.pack_into("=IIQQQ", attr, 0, map_fd, 0, _addr(key), value_ptr, BPF_ANY)
-    _bpf(cmd, attr, what)
+    bpf_call(cmd, attr, what)
     return int(struct.unpack("=Q", val.raw)[0])
 
 
@@ -336,6 +337,16 @@ class ReuseportSteering:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def adopt_fds(cls, map_fd: int, prog_fd: int, *, migrate: bool = True) -> ReuseportSteering:
+        """Take ownership of an existing map and program (opened from a pin,
+        or received from another process); they are closed by :meth:`close`."""
+        self = cls.__new__(cls)
+        self.migrate = migrate
+        self._map_fd = map_fd
+        self._prog_fd = prog_fd
+        return self
 
     @property
     def fds(self) -> tuple[int, int]:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Final
 
 from nodrop.bind import BindTarget, bind, resolve
-from nodrop.bpf import ATTR_SIZE, ReuseportSteering, _bpf, socket_cookie
+from nodrop.bpf import ATTR_SIZE, ReuseportSteering, bpf_call, socket_cookie
 from nodrop.errors import BindError, BpfError
 from nodrop.identity import format_address
 from nodrop.spec import ListenerSpec, parse_spec
@@ -120,7 +120,7 @@ def _obj(cmd: int, path: Path, fd: int, what: str) -> int:
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     # pathname, bpf_fd, file_flags
     struct.pack_into("=QII", attr, 0, ctypes.addressof(name), fd, 0)
-    return _bpf(cmd, attr, f"{what} {path}")
+    return bpf_call(cmd, attr, f"{what} {path}")
 
 
 class SharedSteering(ReuseportSteering):
@@ -131,16 +131,15 @@ class SharedSteering(ReuseportSteering):
     def from_fds(cls, map_fd: int, prog_fd: int) -> SharedSteering:
         """Adopt copies of a steering's ``(map_fd, prog_fd)`` (the originals
         stay the caller's)."""
-        self = cls.__new__(cls)
-        self.migrate = True
-        self._map_fd = os.dup(map_fd)
-        self._prog_fd = -1
+        own_map = os.dup(map_fd)
         try:
-            self._prog_fd = os.dup(prog_fd)
+            own_prog = os.dup(prog_fd)
         except BaseException:
-            self.close()
+            os.close(own_map)
             raise
-        return self
+        steering = cls.adopt_fds(own_map, own_prog)
+        assert isinstance(steering, SharedSteering)
+        return steering
 
     @classmethod
     def open_pinned(cls, pin_dir: str | os.PathLike[str]) -> SharedSteering:
@@ -150,9 +149,8 @@ class SharedSteering(ReuseportSteering):
             BpfError: ENOENT if nothing is pinned there.
         """
         where = Path(pin_dir)
-        self = cls.__new__(cls)
-        self.migrate = True
-        self._map_fd = self._prog_fd = -1
+        self = cls.adopt_fds(-1, -1)
+        assert isinstance(self, SharedSteering)
         try:
             self._map_fd = _obj(BPF_OBJ_GET, where / MAP_FILE, 0, "OBJ_GET")
             self._prog_fd = _obj(BPF_OBJ_GET, where / PROG_FILE, 0, "OBJ_GET")
