@@ -380,7 +380,7 @@ class ReuseportSteering:
         connections of any listener of the group that closes, go to it.
 
         Raises:
-            BpfError: ``sock`` is not a bound, listening SO_REUSEPORT TCP
+            BpfError: ``sock`` is not a listening TCP or bound UDP SO_REUSEPORT
                 socket (EINVAL/EOPNOTSUPP), or is already in the map (EBUSY).
         """
         self._check_open()
@@ -389,8 +389,8 @@ class ReuseportSteering:
         except BpfError as exc:
             hint = {
                 errno_mod.EBUSY: "the socket is already the active listener",
-                errno_mod.EINVAL: "need a bound, listening TCP socket with SO_REUSEPORT",
-                errno_mod.EOPNOTSUPP: "need a bound, listening TCP socket with SO_REUSEPORT",
+                errno_mod.EINVAL: "need a listening TCP or a bound UDP socket with SO_REUSEPORT",
+                errno_mod.EOPNOTSUPP: "need a listening TCP or a bound UDP socket with SO_REUSEPORT",
             }.get(exc.errno or 0, exc.strerror or "")
             raise BpfError(exc.errno, f"cannot steer to fd {sock.fileno()}: {hint}") from exc
 
