@@ -119,9 +119,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--handoff",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the connection broker ($NODROP_HANDOFF) so draining workers can hand idle "
-        "keep-alive connections to the new generation (default on; see docs/keepalive.md)",
+        default=False,
+        help="run the connection broker ($NODROP_HANDOFF) so draining workers that cooperate "
+        "hand idle keep-alive connections to the new generation (experimental, default off; "
+        "see docs/keepalive.md)",
     )
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     parser.set_defaults(func=run)

@@ -1,0 +1,537 @@
+"""The connection broker: moves idle connections from old workers to new ones.
+
+A companion of the supervisor, on its event loop (see ``Broker`` in
+:mod:`nodrop.supervisor.supervisor`). It listens on a ``SOCK_SEQPACKET``
+socket in a private directory (0700, socket 0600) and speaks the handoff
+protocol (:mod:`nodrop.handoff`). Every peer is checked with ``SO_PEERCRED``
+and must be a worker of this supervisor.
+
+* A worker that wants connections *registers* (``{"op":"register","room":N}``)
+  and keeps that channel open; the broker pushes batches down it.
+* A draining worker *gives* batches of idle connections (one ``fds`` transfer
+  each, ``meta.states`` the opaque per-connection states). The broker spreads
+  each batch over the registered workers of the active generation (even
+  shares, rotating start, capped by the room each announced), waits for their
+  ``ok`` and answers the giver with a verdict: how many were placed, how many
+  it closed, and which it returns untouched.
+
+Nothing is lost silently:
+
+* no receiver, or no room: the connections are *returned* — nobody else read
+  them, the giver still owns them and closes them between requests as any
+  graceful drain would;
+* a receiver that refuses (``error``) has not read them either: they go to
+  another receiver or back to the giver;
+* a receiver that dies or stalls after they were sent may have read from
+  them, so they cannot be given back: the broker closes them gracefully —
+  ``shutdown(SHUT_WR)`` (a FIN the client sees as an ordinary keep-alive
+  close), then reads and discards until the client's FIN or ``linger``
+  seconds, so unread bytes do not turn the close into a reset — and counts
+  them.
+
+Back-pressure: one batch in flight per receiver, at most
+``MAX_CONCURRENT_BATCHES`` batches (of at most 253 connections) held by the
+broker at once; a giver waits for the verdict of each batch before the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from nodrop.connhandoff.wire import (
+    MAX_BATCH,
+    Verdict,
+    decode_states,
+    encode_states,
+    parse_room,
+    split_evenly,
+)
+from nodrop.errors import NodropError, ProtocolError
+from nodrop.fdpass import MAX_FDS_PER_MESSAGE, check_peer, ensure_fd_room
+from nodrop.handoff import Channel, ReceivedSocket, Transfer, listen, parse_fds_chunk
+from nodrop.supervisor.model import Generation, GenState, Worker, WorkerState
+
+DEFAULT_ACK_TIMEOUT = 10.0
+"""How long a receiving worker may take to acknowledge a batch."""
+DEFAULT_LINGER = 2.0
+"""How long a gracefully closed connection waits for the client's FIN."""
+MAX_CONCURRENT_BATCHES = 8
+MAX_PEERS = 4096
+ACCEPTS_PER_WAKEUP = 64
+
+Outcome = Literal["placed", "refused", "lost"]
+
+
+class BrokerHost(Protocol):
+    """What the broker needs of the supervisor."""
+
+    active: Generation | None
+
+    def worker_of(self, pid: int) -> tuple[Worker, Generation] | None: ...
+
+    def log(self, message: str) -> None: ...
+
+
+@dataclass(eq=False)
+class _Receiver:
+    channel: Channel
+    pid: int
+    generation: int
+    worker: Worker
+    room: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    replies: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    alive: bool = True
+    accepting: bool = True
+    dropped: bool = False
+
+
+class ConnectionBroker:
+    """Implements the supervisor's ``Broker`` protocol; see the module docstring.
+
+    Args:
+        path: where to listen (in a directory only we can enter).
+        ack_timeout: receivers that do not acknowledge a batch within this
+            are treated as dead.
+        linger: see :data:`DEFAULT_LINGER`.
+        private_dir: a directory the broker owns and removes on close.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        linger: float = DEFAULT_LINGER,
+        private_dir: str | None = None,
+    ) -> None:
+        self.path = path
+        self.ack_timeout = ack_timeout
+        self.linger = linger
+        self._private_dir = private_dir
+        self._host: BrokerHost | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._channels: set[Channel] = set()
+        self._receivers: list[_Receiver] = []
+        self._held: dict[int, Transfer] = {}
+        self._closing: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._watched: set[tuple[int, bool]] = set()
+        self._batches = asyncio.Semaphore(MAX_CONCURRENT_BATCHES)
+        self._rotate = 0
+        self._closed = False
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def in_private_dir(cls, base: str | None = None, **kwargs: Any) -> ConnectionBroker:
+        """A broker whose socket lives in a fresh 0700 directory (removed on close)."""
+        directory = tempfile.mkdtemp(prefix="nodrop-handoff-", dir=base)
+        return cls(os.path.join(directory, "broker.sock"), private_dir=directory, **kwargs)
+
+    # -- life cycle ------------------------------------------------------------
+    async def start(self, supervisor: BrokerHost) -> None:
+        self._host = supervisor
+        self._loop = asyncio.get_running_loop()
+        self._listener = listen(self.path, mode=0o600, backlog=128)
+        self._listener.setblocking(False)
+        self._loop.add_reader(self._listener.fileno(), self._on_accept)
+
+    def close(self) -> None:
+        """Close everything now: peers, batches held, lingering connections."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = self._loop
+        if loop is not None:
+            for fd, write in list(self._watched):
+                (loop.remove_writer if write else loop.remove_reader)(fd)
+            self._watched.clear()
+            if self._listener is not None:
+                loop.remove_reader(self._listener.fileno())
+        for task in list(self._tasks):
+            task.cancel()
+        for transfer in list(self._held.values()):
+            transfer.close()
+        self._held.clear()
+        for channel in list(self._channels):
+            channel.close()
+        self._channels.clear()
+        for sock in list(self._closing):
+            self._finish_close(sock)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``nodrop status``: connections given, placed in the new
+        generation, returned to the giver, closed by the broker, and now."""
+        return {
+            "path": self.path,
+            "receivers": sum(1 for r in self._receivers if r.alive),
+            "given": self.counts["given"],
+            "placed": self.counts["placed"],
+            "returned": self.counts["returned"],
+            "closed": self.counts["closed"],
+            "refused_batches": self.counts["refused_batches"],
+            "receivers_lost": self.counts["receivers_lost"],
+            "lingering": len(self._closing),
+        }
+
+    # -- non-blocking I/O on the loop ----------------------------------------
+    async def _wait_io(self, sock: socket.socket, write: bool, deadline: float | None) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        (loop.add_writer if write else loop.add_reader)(fd, ready)
+        self._watched.add((fd, write))
+        try:
+            if deadline is None:
+                await fut
+            else:
+                await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+        finally:
+            if (fd, write) in self._watched:
+                self._watched.discard((fd, write))
+                (loop.remove_writer if write else loop.remove_reader)(fd)
+
+    async def _recv(
+        self, channel: Channel, max_fds: int, deadline: float | None
+    ) -> tuple[dict[str, Any], list[int]]:
+        while True:
+            try:
+                return channel.recv(max_fds=max_fds)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_io(channel.sock, False, deadline)
+
+    async def _send(
+        self,
+        channel: Channel,
+        header: dict[str, Any],
+        fds: Sequence[int] = (),
+        deadline: float | None = None,
+    ) -> None:
+        while True:
+            try:
+                channel.send(header, fds)
+                return
+            except (BlockingIOError, InterruptedError):
+                await self._wait_io(channel.sock, True, deadline)
+
+    # -- peers -----------------------------------------------------------------
+    def _on_accept(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._log(f"accept failed: {exc}")
+                return
+            channel = Channel(conn, timeout=0.0)
+            if len(self._channels) >= MAX_PEERS:
+                channel.reply_error(f"too many peers (limit {MAX_PEERS})")
+                channel.close()
+                continue
+            self._channels.add(channel)
+            self._spawn(self._serve(channel))
+
+    async def _serve(self, channel: Channel) -> None:
+        assert self._host is not None
+        try:
+            # Read the first message before any refusal: closing a SEQPACKET
+            # socket with unread data resets it, and the peer would never
+            # read why it was refused.
+            header, fds = await self._recv(channel, MAX_FDS_PER_MESSAGE, None)
+            try:
+                creds = check_peer(channel.sock)
+                entry = self._host.worker_of(creds.pid)
+                if entry is None:
+                    raise ProtocolError(f"pid {creds.pid} is not a worker of this supervisor")
+            except NodropError as exc:
+                for fd in fds:
+                    os.close(fd)
+                channel.reply_error(str(exc))
+                return
+            worker, gen = entry
+            if header["op"] == "register":
+                for fd in fds:
+                    os.close(fd)
+                await self._serve_receiver(channel, worker, gen, parse_room(header))
+            elif header["op"] == "fds":
+                await self._serve_giver(channel, creds.pid, (header, fds))
+            else:
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError(f"unexpected op {header['op']!r}")
+        except ProtocolError as exc:
+            if "peer closed" not in str(exc):
+                self._log(f"handoff peer dropped: {exc}")
+                channel.reply_error(str(exc))
+        except (OSError, TimeoutError) as exc:
+            self._log(f"handoff peer dropped: {exc!r}")
+        finally:
+            self._channels.discard(channel)
+            channel.close()
+
+    async def _serve_receiver(
+        self, channel: Channel, worker: Worker, gen: Generation, room: int
+    ) -> None:
+        receiver = _Receiver(channel, worker.pid, gen.number, worker, room)
+        self._receivers.append(receiver)
+        try:
+            await self._send(channel, {"op": "ok", "generation": gen.number})
+            while True:
+                header, _ = await self._recv(channel, 0, None)
+                if header["op"] in ("ok", "error"):
+                    receiver.replies.put_nowait(header)
+                elif header["op"] == "room":
+                    receiver.room = parse_room(header)
+                elif header["op"] == "unregister":
+                    receiver.accepting = False
+                    self._spawn(self._unregister(receiver))
+                else:
+                    raise ProtocolError(f"unexpected op {header['op']!r} from a receiver")
+        finally:
+            receiver.alive = False
+            self._receivers.remove(receiver)
+            receiver.replies.put_nowait(None)
+
+    async def _unregister(self, receiver: _Receiver) -> None:
+        # After the batch in flight, if any: the worker reads until this reply.
+        async with receiver.lock:
+            if receiver.alive:
+                with contextlib.suppress(OSError, TimeoutError):
+                    await self._send(
+                        receiver.channel,
+                        {"op": "unregistered"},
+                        (),
+                        time.monotonic() + self.ack_timeout,
+                    )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_giver(
+        self, channel: Channel, pid: int, first: tuple[dict[str, Any], list[int]] | None
+    ) -> None:
+        while True:
+            transfer = await self._recv_transfer(channel, first)
+            first = None
+            self._held[id(transfer)] = transfer
+            try:
+                async with self._batches:
+                    verdict = await self._place(transfer, pid)
+            finally:
+                self._held.pop(id(transfer), None)
+                transfer.close()  # what is left: placed, returned (the giver keeps its copy)
+            await self._send(channel, verdict.to_header(), (), time.monotonic() + self.ack_timeout)
+
+    async def _recv_transfer(
+        self, channel: Channel, first: tuple[dict[str, Any], list[int]] | None
+    ) -> Transfer:
+        transfer = Transfer()
+        try:
+            total: int | None = None
+            deadline: float | None = None
+            while total is None or len(transfer.sockets) < total:
+                if first is not None:
+                    (header, fds), first = first, None
+                else:
+                    header, fds = await self._recv(channel, MAX_FDS_PER_MESSAGE, deadline)
+                try:
+                    got, entries, meta = parse_fds_chunk(
+                        header, len(fds), len(transfer.sockets), MAX_BATCH
+                    )
+                except ProtocolError:
+                    for fd in fds:
+                        os.close(fd)
+                    raise
+                for fd, (name, identity) in zip(fds, entries, strict=True):
+                    transfer.sockets.append(ReceivedSocket(fd, name, identity))
+                if total is None:
+                    total = got
+                    transfer.meta = meta or {}
+                    deadline = time.monotonic() + self.ack_timeout
+                    ensure_fd_room(total - len(transfer.sockets))
+            for item in transfer.sockets:
+                if item.identity.type != socket.SOCK_STREAM or item.identity.listening:
+                    raise ProtocolError("only connected stream sockets can be handed over")
+            transfer.meta["_states"] = decode_states(transfer.meta, len(transfer.sockets))
+        except BaseException:
+            transfer.close()
+            raise
+        return transfer
+
+    # -- placement -------------------------------------------------------------
+    def _candidates(self, giver: int) -> list[_Receiver]:
+        assert self._host is not None
+        active = self._host.active
+        if active is None or active.state is not GenState.ACTIVE:
+            return []
+        out = [
+            r
+            for r in self._receivers
+            if r.alive
+            and r.accepting
+            and r.room > 0
+            and r.pid != giver
+            and r.generation == active.number
+            and r.worker.state is WorkerState.READY
+        ]
+        if out:
+            self._rotate = (self._rotate + 1) % len(out)
+            out = out[self._rotate :] + out[: self._rotate]
+        return out
+
+    async def _place(self, transfer: Transfer, giver: int) -> Verdict:
+        items = transfer.sockets
+        states: list[bytes] = transfer.meta["_states"]
+        self.counts["given"] += len(items)
+        pending = list(range(len(items)))
+        placed = 0
+        lost: list[int] = []
+        while pending:
+            candidates = self._candidates(giver)
+            shares = split_evenly(len(pending), [r.room for r in candidates])
+            jobs = []
+            for receiver, share in zip(candidates, shares, strict=True):
+                if share:
+                    part, pending = pending[:share], pending[share:]
+                    receiver.room -= share  # reserved until its reply says how much is left
+                    jobs.append((part, self._forward(receiver, items, states, part)))
+            if not jobs:
+                break
+            outcomes = await asyncio.gather(*(job for _, job in jobs))
+            for (part, _), outcome in zip(jobs, outcomes, strict=True):
+                if outcome == "placed":
+                    placed += len(part)
+                elif outcome == "refused":
+                    pending.extend(part)
+                else:
+                    lost.extend(part)
+        for index in lost:
+            self._close_gracefully(items[index])
+        self.counts["placed"] += placed
+        self.counts["closed"] += len(lost)
+        self.counts["returned"] += len(pending)
+        return Verdict(placed, len(lost), tuple(sorted(pending)))
+
+    async def _forward(
+        self,
+        receiver: _Receiver,
+        items: list[ReceivedSocket],
+        states: list[bytes],
+        part: list[int],
+    ) -> Outcome:
+        async with receiver.lock:
+            if not (receiver.alive and receiver.accepting):
+                return "refused"  # never sent: still untouched
+            deadline = time.monotonic() + self.ack_timeout
+            header: dict[str, Any] = {
+                "op": "fds",
+                "total": len(part),
+                "offset": 0,
+                "fds": [[items[i].name, *items[i].identity.to_wire()] for i in part],
+                "meta": encode_states([states[i] for i in part]),
+            }
+            try:
+                await self._send(receiver.channel, header, [items[i].fd for i in part], deadline)
+            except (OSError, TimeoutError, ProtocolError) as exc:
+                # SOCK_SEQPACKET is all or nothing: a failed send delivered nothing.
+                self._log(f"cannot hand connections to pid {receiver.pid}: {exc!r}")
+                self._drop_receiver(receiver)
+                return "refused"
+            try:
+                reply = await asyncio.wait_for(
+                    receiver.replies.get(), max(0.0, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                reply = None
+            if reply is not None and reply["op"] == "ok":
+                try:
+                    receiver.room = parse_room(reply)
+                except ProtocolError:
+                    receiver.room = 0
+                return "placed"
+            if reply is not None:  # error: it closed them unread
+                self.counts["refused_batches"] += 1
+                receiver.room = 0
+                return "refused"
+            self._log(
+                f"worker pid {receiver.pid} died or stalled while receiving {len(part)} "
+                "connection(s): closing them gracefully"
+            )
+            self._drop_receiver(receiver)
+            return "lost"
+
+    def _drop_receiver(self, receiver: _Receiver) -> None:
+        receiver.alive = False
+        if not receiver.dropped:
+            receiver.dropped = True
+            self.counts["receivers_lost"] += 1
+            with contextlib.suppress(OSError):
+                receiver.channel.sock.shutdown(socket.SHUT_RDWR)  # wakes its reader
+
+    # -- graceful close ------------------------------------------------------------
+    def _close_gracefully(self, item: ReceivedSocket) -> None:
+        assert self._loop is not None
+        sock = item.socket()
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        self._closing[sock] = self._loop.call_later(self.linger, self._finish_close, sock)
+        self._loop.add_reader(sock.fileno(), self._discard, sock)
+
+    def _discard(self, sock: socket.socket) -> None:
+        for _ in range(16):
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._finish_close(sock)
+                return
+
+    def _finish_close(self, sock: socket.socket) -> None:
+        timer = self._closing.pop(sock, None)
+        if timer is None:
+            return
+        timer.cancel()
+        if self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def _log(self, message: str) -> None:
+        if self._host is not None:
+            self._host.log(f"handoff broker: {message}")
