@@ -1,0 +1,36 @@
+"""The socket holder: park listening sockets across a stop-then-start restart.
+
+* :mod:`nodrop.holder.ops` — the requests, parsed (pure);
+* :mod:`nodrop.holder.daemon` — :class:`Holder`, the ``nodrop hold`` server;
+* :mod:`nodrop.holder.client` — :func:`deposit`, :func:`claim`,
+  :func:`list_held`, :func:`release`.
+
+See ``docs/holder.md``.
+"""
+
+from __future__ import annotations
+
+from nodrop.holder.client import (
+    ClaimResult,
+    DepositResult,
+    HeldInfo,
+    claim,
+    deposit,
+    list_held,
+    release,
+    spawn_holder,
+)
+from nodrop.holder.daemon import Holder, HolderConfig
+
+__all__ = [
+    "ClaimResult",
+    "DepositResult",
+    "HeldInfo",
+    "Holder",
+    "HolderConfig",
+    "claim",
+    "deposit",
+    "list_held",
+    "release",
+    "spawn_holder",
+]

@@ -1,0 +1,694 @@
+"""The holder: a single-threaded daemon that keeps deposited sockets open.
+
+Jason Baron's "delayed close" for a Unix socket, in user space: a server
+parks its listening sockets here with a time-to-live and exits; its
+successor claims them; if none comes in time they are closed. While a
+socket is held, the kernel keeps queueing connections on it, so none is
+refused in the gap.
+
+One ``selectors`` loop serves every peer; each connection is a small state
+machine fed one non-blocking message at a time, so a peer that stalls,
+lies or dies mid-transfer costs only itself: it gets an ``error`` (when it
+can still hear one), its half-received fds are closed, and no socket the
+holder already held is touched. A claimed socket leaves the holder only
+when the claimant's ``ok`` arrives; any other ending puts it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import selectors
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodrop.errors import HolderError, NodropError, PeerDeniedError, ProtocolError
+from nodrop.fdpass import (
+    MAX_FDS_PER_MESSAGE,
+    Credentials,
+    check_peer,
+    ensure_fd_room,
+    recv_with_fds,
+    send_with_fds,
+)
+from nodrop.handoff import MAX_MESSAGE, decode, encode, listen, parse_fds_chunk
+from nodrop.holder import ops
+from nodrop.identity import SocketIdentity, identify
+from nodrop.notifyrecv import NotifyReceiver
+
+DEFAULT_PEER_TIMEOUT = 10.0
+"""Seconds a peer may take between two messages of one request."""
+DEFAULT_IDLE_TIMEOUT = 60.0
+"""Seconds an idle connection is kept."""
+DEFAULT_MAX_PEERS = 64
+EMPTY_GRACE = 10.0
+"""With ``exit_when_empty``: how long a holder that never held anything waits."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class HolderConfig:
+    """How a holder runs.
+
+    Attributes:
+        path: its handoff socket, absolute or ``@abstract``.
+        mode: file mode of the socket (a filesystem path only).
+        allowed_uids: uids besides our own that may connect.
+        allow_abstract: accept an ``@name`` path (no file permissions).
+        ttl_default: seconds a deposit without a ttl is held.
+        ttl_max: the longest ttl granted.
+        max_held: most sockets held at once.
+        fdstore_path: also accept systemd ``FDSTORE=1`` datagrams here.
+        exit_when_empty: stop once nothing is held (for on-demand holders).
+        peer_timeout: seconds allowed between messages of one request.
+    """
+
+    path: str
+    mode: int = 0o600
+    allowed_uids: frozenset[int] = frozenset()
+    allow_abstract: bool = False
+    ttl_default: float = ops.DEFAULT_TTL
+    ttl_max: float = ops.DEFAULT_TTL_MAX
+    max_held: int = ops.DEFAULT_MAX_HELD
+    fdstore_path: str | None = None
+    exit_when_empty: bool = False
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_peers: int = DEFAULT_MAX_PEERS
+
+
+@dataclass(eq=False)
+class Held:
+    """One socket the holder keeps."""
+
+    id: int
+    name: str
+    sock: socket.socket
+    identity: SocketIdentity
+    inode: tuple[int, int]
+    expires_at: float
+    depositor: Credentials
+    via: str
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "identity": str(self.identity),
+            "wire": self.identity.to_wire(),
+            "inode": self.inode[1],
+            "expires_in": round(max(0.0, self.expires_at - now), 3),
+            "depositor": {"pid": self.depositor.pid, "uid": self.depositor.uid},
+            "via": self.via,
+        }
+
+
+class PeerState(enum.Enum):
+    IDLE = "idle"
+    RECEIVING = "receiving"  # a deposit's transfer is arriving
+    SENDING = "sending"  # a claim's transfer is going out, then we await ok
+
+
+@dataclass(eq=False)
+class Peer:
+    sock: socket.socket
+    creds: Credentials
+    deadline: float
+    state: PeerState = PeerState.IDLE
+    ttl: float = 0.0
+    total: int = -1
+    incoming: list[tuple[int, str, SocketIdentity]] = field(default_factory=list)
+    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
+    claimed: list[Held] = field(default_factory=list)
+    close_after_flush: bool = False
+
+    def drop_incoming(self) -> None:
+        for fd, _, _ in self.incoming:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.incoming = []
+        self.total = -1
+
+
+def _stderr_log(line: str) -> None:
+    os.write(2, (line + "\n").encode(errors="replace"))
+
+
+class Holder:
+    """The daemon. ``open()``, then ``serve()`` until ``stop()`` or empty.
+
+    Args:
+        config: see :class:`HolderConfig`.
+        log: where to write one line per event (deposit, claim, expiry...).
+        clock: monotonic seconds (a seam for tests).
+    """
+
+    def __init__(
+        self,
+        config: HolderConfig,
+        *,
+        log: Log = _stderr_log,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.clock = clock
+        self.held: dict[int, Held] = {}
+        self.peers: dict[int, Peer] = {}
+        self._next_id = 1
+        self._listener: socket.socket | None = None
+        self._fdstore: NotifyReceiver | None = None
+        self._selector = selectors.DefaultSelector()
+        self._stopping = False
+        self._ever_held = False
+        self._started = clock()
+        # stop() may run in a signal handler: a byte on this pipe wakes the
+        # select(), which PEP 475 would otherwise resume with its old timeout.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    # -- setup ------------------------------------------------------------
+    def open(self) -> None:
+        """Create the sockets.
+
+        Raises:
+            HolderError: bad path, or a holder already listens there.
+        """
+        cfg = self.config
+        try:
+            ops.check_holder_path(cfg.path, allow_abstract=cfg.allow_abstract)
+            if cfg.fdstore_path is not None:
+                ops.check_holder_path(cfg.fdstore_path, allow_abstract=cfg.allow_abstract)
+        except ProtocolError as exc:
+            raise HolderError(str(exc)) from exc
+        if not cfg.path.startswith("@"):
+            self._private_dir(os.path.dirname(cfg.path))
+            if _in_use(cfg.path):
+                raise HolderError(f"a holder already listens at {cfg.path}")
+        try:
+            self._listener = listen(cfg.path, mode=cfg.mode, backlog=128)
+            self._listener.setblocking(False)
+            self._selector.register(self._listener, selectors.EVENT_READ, "listener")
+            if cfg.fdstore_path is not None:
+                if not cfg.fdstore_path.startswith("@"):
+                    self._private_dir(os.path.dirname(cfg.fdstore_path))
+                old = os.umask(0o177)
+                try:
+                    self._fdstore = NotifyReceiver(cfg.fdstore_path)
+                finally:
+                    os.umask(old)
+                if not cfg.fdstore_path.startswith("@"):
+                    os.chmod(cfg.fdstore_path, cfg.mode)
+                self._selector.register(self._fdstore, selectors.EVENT_READ, "fdstore")
+        except OSError as exc:
+            self.close()
+            raise HolderError(f"cannot listen at {cfg.path}: {exc.strerror or exc}") from exc
+        self.log(f"nodrop hold: listening at {cfg.path} (pid {os.getpid()})")
+
+    def _private_dir(self, directory: str) -> None:
+        """Create a missing parent directory owner-only (0700)."""
+        if os.path.isdir(directory):
+            return
+        try:
+            os.makedirs(directory, mode=0o700)
+            os.chmod(directory, 0o700)  # makedirs' mode is filtered by the umask
+        except OSError as exc:
+            raise HolderError(f"cannot create {directory}: {exc.strerror}") from exc
+
+    # -- main loop ----------------------------------------------------------
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (safe from a signal handler)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def serve(self, *, until: float | None = None) -> None:
+        """Serve until :meth:`stop`, until the monotonic time ``until``, or, with
+        ``exit_when_empty``, until nothing is held."""
+        while not self._stopping:
+            now = self.clock()
+            if until is not None and now >= until:
+                return
+            if self._should_exit_empty(now):
+                self.log("nodrop hold: nothing held; exiting")
+                return
+            self.step(self._next_timeout(now, until))
+
+    def step(self, timeout: float) -> None:
+        """One turn of the loop: wait up to ``timeout`` s, handle events, expire."""
+        try:
+            events = self._selector.select(timeout)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            events = []
+        for key, mask in events:
+            if key.data == "listener":
+                self._accept()
+            elif key.data == "fdstore":
+                self._fdstore_receive()
+            elif key.data == "wake":
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 64)
+            else:
+                peer = self.peers.get(key.fd)
+                if peer is None:
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    self._flush(peer)
+                if mask & selectors.EVENT_READ and key.fd in self.peers:
+                    self._peer_readable(peer)
+        self._expire(self.clock())
+
+    def _should_exit_empty(self, now: float) -> bool:
+        if not self.config.exit_when_empty or self.held or self.peers:
+            return False
+        return self._ever_held or now - self._started >= EMPTY_GRACE
+
+    def _next_timeout(self, now: float, until: float | None) -> float:
+        times = [now + 60.0]
+        times.extend(h.expires_at for h in self.held.values())
+        times.extend(p.deadline for p in self.peers.values())
+        if until is not None:
+            times.append(until)
+        if self.config.exit_when_empty and not self._ever_held:
+            times.append(self._started + EMPTY_GRACE)
+        return max(0.0, min(times) - now)
+
+    # -- peers --------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self._listener is not None
+        for _ in range(16):  # bounded: other events get their turn
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep serving
+                self.log(f"nodrop hold: accept failed: {exc.strerror or exc}")
+                return
+            conn.setblocking(False)
+            try:
+                creds = check_peer(conn, self.config.allowed_uids)
+            except PeerDeniedError as exc:
+                self.log(f"nodrop hold: denied: {exc}")
+                _send_error_and_close(conn, str(exc))
+                continue
+            if len(self.peers) >= self.config.max_peers:
+                _send_error_and_close(conn, "holder busy: too many connections")
+                continue
+            peer = Peer(conn, creds, self.clock() + self.config.idle_timeout)
+            self.peers[conn.fileno()] = peer
+            self._selector.register(conn, selectors.EVENT_READ, "peer")
+
+    def _drop(self, peer: Peer, reason: str | None = None) -> None:
+        """Forget a peer: its half-received fds are closed, its pending claim
+        goes back to the held set, and it is told ``reason`` if it still listens."""
+        peer.drop_incoming()
+        for item in peer.claimed:
+            self.held[item.id] = item
+        if peer.claimed:
+            self.log(
+                f"nodrop hold: claim by pid {peer.creds.pid} not acknowledged; "
+                f"keeping {len(peer.claimed)} socket(s)"
+            )
+        peer.claimed = []
+        for _, fds in peer.outbox:
+            del fds  # the outbox holds the held sockets' own fds: never close them
+        peer.outbox.clear()
+        fd = peer.sock.fileno()
+        self.peers.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(peer.sock)
+        if reason is not None:
+            self.log(f"nodrop hold: pid {peer.creds.pid}: {reason}")
+            _send_error_and_close(peer.sock, reason)
+        else:
+            peer.sock.close()
+
+    def _peer_readable(self, peer: Peer) -> None:
+        for _ in range(MAX_FDS_PER_MESSAGE + 2):  # bounded per turn
+            if peer.sock.fileno() not in self.peers:
+                return
+            try:
+                msg = recv_with_fds(peer.sock, MAX_MESSAGE + 1, MAX_FDS_PER_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ProtocolError as exc:  # TruncatedError: its fds are closed already
+                self._drop(peer, str(exc))
+                return
+            except OSError as exc:
+                self._drop(peer, None if exc.errno == errno.ECONNRESET else str(exc))
+                return
+            if not msg.data and not msg.fds:
+                if peer.state is not PeerState.IDLE:
+                    self.log(f"nodrop hold: pid {peer.creds.pid} left mid-{peer.state.value}")
+                self._drop(peer)
+                return
+            try:
+                self._handle(peer, msg.data, msg.fds)
+            except (NodropError, OSError) as exc:
+                self._drop(peer, str(exc))
+                return
+
+    def _handle(self, peer: Peer, data: bytes, fds: list[int]) -> None:
+        """One message from a peer. Raises to drop the peer (fds handled here)."""
+        peer.deadline = self.clock() + self.config.peer_timeout
+        if peer.state is PeerState.RECEIVING:
+            self._deposit_chunk(peer, data, fds)
+            return
+        if fds:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("unexpected fds with this message")
+        header = decode(data)
+        if peer.state is PeerState.SENDING:
+            if header["op"] == "ok" and not peer.outbox:
+                self._claim_done(peer)
+                return
+            why = header.get("message", header["op"]) if header["op"] == "error" else "no ok"
+            raise ProtocolError(f"claim not acknowledged ({str(why)[:200]})")
+        request = ops.parse_request(header, ttl_max=self.config.ttl_max)
+        if isinstance(request, ops.Deposit):
+            peer.state = PeerState.RECEIVING
+            peer.ttl = request.ttl if request.ttl is not None else self.config.ttl_default
+        elif isinstance(request, ops.Claim):
+            self._claim(peer, request.selector)
+        elif isinstance(request, ops.ListHeld):
+            self._reply(peer, self._list_reply())
+        else:
+            self._reply(peer, {"op": "ok", "released": self._release(request.selector, peer)})
+        if peer.state is PeerState.IDLE:
+            peer.deadline = self.clock() + self.config.idle_timeout
+
+    def _reply(self, peer: Peer, header: dict[str, Any], fds: list[int] | None = None) -> None:
+        peer.outbox.append((encode(header), fds or []))
+        self._flush(peer)
+
+    def _flush(self, peer: Peer) -> None:
+        while peer.outbox:
+            data, fds = peer.outbox[0]
+            try:
+                send_with_fds(peer.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                self._selector.modify(
+                    peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, "peer"
+                )
+                return
+            except OSError as exc:
+                self._drop(peer, None if exc.errno in (errno.EPIPE, errno.ECONNRESET) else str(exc))
+                return
+            peer.outbox.popleft()
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.modify(peer.sock, selectors.EVENT_READ, "peer")
+
+    # -- deposit -------------------------------------------------------------
+    def _deposit_chunk(self, peer: Peer, data: bytes, fds: list[int]) -> None:
+        try:
+            header = decode(data)
+            room = self.config.max_held - len(self.held) - self._pending()
+            total, entries, _meta = parse_fds_chunk(
+                header, len(fds), len(peer.incoming), max(0, room)
+            )
+            ops.check_names(name for name, _ in entries)
+        except ProtocolError:
+            for fd in fds:
+                os.close(fd)
+            peer.drop_incoming()
+            raise
+        for fd, (name, identity) in zip(fds, entries, strict=True):
+            peer.incoming.append((fd, name, identity))
+        if peer.total < 0:
+            peer.total = total
+            ensure_fd_room(total - len(peer.incoming))
+        if len(peer.incoming) < peer.total:
+            return
+        ids = self._commit_deposit(peer)
+        peer.state = PeerState.IDLE
+        self._reply(peer, {"op": "ok", "count": len(ids), "ids": ids, "ttl": peer.ttl})
+
+    def _pending(self) -> int:
+        return sum(len(p.incoming) + len(p.claimed) for p in self.peers.values())
+
+    def _commit_deposit(self, peer: Peer) -> list[int]:
+        """Adopt the transfer's fds. What the kernel says an fd is wins over the
+        manifest; an fd that is not a socket fails the whole deposit."""
+        adopted: list[tuple[socket.socket, str]] = []
+        try:
+            for fd, name, _claimed in peer.incoming:
+                adopted.append((socket.socket(fileno=fd), name))
+        except OSError as exc:
+            for sock, _ in adopted:
+                sock.detach()
+            peer.drop_incoming()
+            raise ProtocolError(f"a deposited fd is not a socket: {exc.strerror}") from exc
+        peer.incoming = []
+        peer.total = -1
+        expires = self.clock() + peer.ttl
+        ids = [self._add(sock, name, expires, peer.creds, "handoff") for sock, name in adopted]
+        self.log(
+            f"nodrop hold: pid {peer.creds.pid} deposited {len(ids)} socket(s) "
+            f"for {peer.ttl:g}s: {_summary(self.held[i] for i in ids if i in self.held)}"
+        )
+        return ids
+
+    def _add(
+        self, sock: socket.socket, name: str, expires: float, creds: Credentials, via: str
+    ) -> int:
+        """Hold ``sock``; the same kernel socket deposited again refreshes the
+        held one (its name and expiry) instead of being held twice."""
+        st = os.fstat(sock.fileno())
+        inode = (st.st_dev, st.st_ino)
+        for item in self.held.values():
+            if item.inode == inode:
+                sock.close()
+                item.name, item.expires_at, item.depositor = name, expires, creds
+                return item.id
+        try:
+            identity = identify(sock)
+        except OSError as exc:
+            sock.close()
+            raise ProtocolError(f"cannot identify a deposited socket: {exc.strerror}") from exc
+        item = Held(self._next_id, name, sock, identity, inode, expires, creds, via)
+        self._next_id += 1
+        self.held[item.id] = item
+        self._ever_held = True
+        return item.id
+
+    # -- claim / list / release ---------------------------------------------
+    def _select(self, selector: ops.Selector) -> list[Held]:
+        return [h for h in self.held.values() if selector.selects(h.id, h.name, h.identity)]
+
+    def _claim(self, peer: Peer, selector: ops.Selector) -> None:
+        chosen = self._select(selector)
+        for item in chosen:
+            del self.held[item.id]
+        peer.claimed = chosen
+        peer.state = PeerState.SENDING
+        missing = sorted(selector.names - {h.name for h in chosen})[:64]
+        total = len(chosen)
+        offset = 0
+        while True:
+            chunk = chosen[offset : offset + MAX_FDS_PER_MESSAGE]
+            header: dict[str, Any] = {
+                "op": "fds",
+                "total": total,
+                "offset": offset,
+                "fds": [[h.name, *h.identity.to_wire()] for h in chunk],
+            }
+            if offset == 0:
+                header["meta"] = {"ids": [h.id for h in chosen][:1024], "missing": missing}
+            peer.outbox.append((encode(header), [h.sock.fileno() for h in chunk]))
+            offset += len(chunk)
+            if offset >= total:
+                break
+        self._flush(peer)
+
+    def _claim_done(self, peer: Peer) -> None:
+        if peer.claimed:
+            self.log(
+                f"nodrop hold: pid {peer.creds.pid} claimed {len(peer.claimed)} socket(s): "
+                f"{_summary(peer.claimed)}"
+            )
+        for item in peer.claimed:
+            item.sock.close()
+        peer.claimed = []
+        peer.state = PeerState.IDLE
+        peer.deadline = self.clock() + self.config.idle_timeout
+
+    def _list_reply(self) -> dict[str, Any]:
+        now = self.clock()
+        entries = [h.describe(now) for h in sorted(self.held.values(), key=lambda h: h.id)]
+        shown = len(entries)
+        while True:
+            header = {"op": "ok", "sockets": entries[:shown], "more": len(entries) - shown}
+            try:
+                encode(header)
+                return header
+            except ProtocolError:
+                shown //= 2
+
+    def _release(self, selector: ops.Selector, peer: Peer) -> int:
+        chosen = self._select(selector)
+        for item in chosen:
+            del self.held[item.id]
+            item.sock.close()
+        if chosen:
+            self.log(
+                f"nodrop hold: pid {peer.creds.pid} released {len(chosen)} socket(s): "
+                f"{_summary(chosen)}"
+            )
+        return len(chosen)
+
+    # -- expiry ---------------------------------------------------------------
+    def _expire(self, now: float) -> None:
+        gone = [h for h in self.held.values() if h.expires_at <= now]
+        for item in gone:
+            del self.held[item.id]
+            item.sock.close()
+        if gone:
+            self.log(f"nodrop hold: expired, closed {len(gone)} socket(s): {_summary(gone)}")
+        for peer in list(self.peers.values()):
+            if peer.deadline <= now:
+                if peer.state is PeerState.IDLE:
+                    self._drop(peer)
+                else:
+                    self._drop(peer, f"timed out during {peer.state.value}")
+
+    # -- systemd fd store -------------------------------------------------------
+    def _fdstore_receive(self) -> None:
+        assert self._fdstore is not None
+        for _ in range(64):  # bounded per turn
+            try:
+                note = self._fdstore.receive()
+            except ProtocolError as exc:
+                self.log(f"nodrop hold: fdstore: {exc}")
+                continue
+            except OSError as exc:
+                self.log(f"nodrop hold: fdstore: {exc.strerror or exc}")
+                return
+            if note is None:
+                return
+            try:
+                self._fdstore_handle(note.pid, note.uid, note.gid, note.fields, note.fds)
+            except NodropError as exc:
+                self.log(f"nodrop hold: fdstore: pid {note.pid}: {exc}")
+            finally:
+                note.close_fds()
+
+    def _fdstore_handle(
+        self, pid: int, uid: int, gid: int, fields: dict[str, str], fds: list[int]
+    ) -> None:
+        """Act on one datagram; fds left in ``fds`` are closed by the caller."""
+        if uid != os.geteuid() and uid not in self.config.allowed_uids:
+            raise PeerDeniedError(f"uid {uid} may not use the fd store")
+        request = ops.parse_fdstore(fields, ttl_max=self.config.ttl_max)
+        creds = Credentials(pid, uid, gid)
+        if isinstance(request, ops.FdStoreRemove):
+            gone = [h for h in self.held.values() if h.name == request.name]
+            for item in gone:
+                del self.held[item.id]
+                item.sock.close()
+            self.log(f"nodrop hold: fdstore: pid {pid} removed {len(gone)} {request.name!r}")
+            return
+        if request is None:
+            return
+        if len(self.held) + len(fds) > self.config.max_held:
+            raise ProtocolError(f"holding {len(self.held)}; would exceed {self.config.max_held}")
+        ttl = request.ttl if request.ttl is not None else self.config.ttl_default
+        expires = self.clock() + ttl
+        ids = []
+        while fds:
+            fd = fds.pop(0)
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                self.log(f"nodrop hold: fdstore: pid {pid} sent an fd that is not a socket")
+                continue
+            ids.append(self._add(sock, request.name, expires, creds, "fdstore"))
+        self.log(
+            f"nodrop hold: fdstore: pid {pid} stored {len(ids)} socket(s) as "
+            f"{request.name!r} for {ttl:g}s"
+        )
+
+    # -- teardown ---------------------------------------------------------------
+    def close(self) -> None:
+        """Close every peer, every held socket and the holder's own sockets."""
+        for peer in list(self.peers.values()):
+            self._drop(peer)
+        if self.held:
+            self.log(f"nodrop hold: stopping; closing {len(self.held)} held socket(s)")
+        for item in self.held.values():
+            item.sock.close()
+        self.held.clear()
+        if self._listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._listener)
+            self._listener.close()
+            if not self.config.path.startswith("@"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.path)
+            self._listener = None
+        if self._fdstore is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._fdstore)
+            self._fdstore.close()
+            if self.config.fdstore_path and not self.config.fdstore_path.startswith("@"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.fdstore_path)
+            self._fdstore = None
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Holder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _summary(items: Any) -> str:
+    parts = [f"{h.name}={h.identity}" for h in items]
+    more = f" (+{len(parts) - 8} more)" if len(parts) > 8 else ""
+    return ", ".join(parts[:8]) + more
+
+
+def _send_error_and_close(sock: socket.socket, message: str) -> None:
+    """Tell the peer why, then close. What it sent that we did not read is
+    discarded first (its fds closed): closing a Unix socket with unread data
+    makes the peer's next read fail with ECONNRESET, and it would never see
+    the reason."""
+    with contextlib.suppress(OSError, ProtocolError):
+        send_with_fds(sock, encode({"op": "error", "message": message[:4000]}))
+    with contextlib.suppress(OSError, ProtocolError):
+        for _ in range(2 * MAX_FDS_PER_MESSAGE):  # bounded
+            msg = recv_with_fds(
+                sock, MAX_MESSAGE + 1, MAX_FDS_PER_MESSAGE, flags=socket.MSG_DONTWAIT
+            )
+            msg.close_fds()
+            if not msg.data:
+                break
+    sock.close()
+
+
+def _in_use(path: str) -> bool:
+    """True if something accepts on the Unix socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError as exc:
+        return exc.errno not in (errno.ENOTSOCK, errno.EPROTOTYPE)
+    finally:
+        probe.close()
+    return True
