@@ -138,9 +138,14 @@ async def read_or_detach(
         waiter = asyncio.ensure_future(reader._wait_for_data("read_or_detach"))  # type: ignore[attr-defined]
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait(
-                {waiter, stopper}, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            # Let the waiter task register itself with the reader first: bytes
+            # fed before that would wake nobody (and _wait_for_data does not
+            # look at the buffer), leaving a request unanswered until timeout.
+            await asyncio.sleep(0)
+            if not buffered(reader):
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
         finally:
             stopper.cancel()
             waiter.cancel()

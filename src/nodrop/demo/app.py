@@ -5,9 +5,13 @@ supervisor:
 
 * takes its listening sockets from ``LISTEN_FDS`` (:func:`nodrop.listen_fds`)
   and says ``READY=1`` once it accepts (:func:`nodrop.ready`);
-* on SIGTERM it *drains*: stops accepting, answers the requests it has, tells
-  keep-alive clients ``Connection: close`` on their next response, closes
-  idle connections only between requests, and exits.
+* on SIGTERM it *drains*: stops accepting and answers the requests it has;
+  under ``nodrop run`` (``$NODROP_HANDOFF``) it hands every idle keep-alive
+  connection to the new generation instead of closing it
+  (:mod:`nodrop.connhandoff`), and the new generation adopts them between two
+  requests. Without a broker, or for connections the new generation cannot
+  take, it tells keep-alive clients ``Connection: close`` on their next
+  response and closes idle connections only between requests.
 
 It avoids an asyncio pitfall of Python 3.11: ``asyncio.Server.close()`` resets
 connections that the kernel accepted but whose transport was not set up yet,
@@ -29,11 +33,14 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 
 import nodrop
+from nodrop.connhandoff import AsyncHandoff, Detached, read_or_detach
 
 IDLE_TIMEOUT = 15.0
 MAX_HEAD = 16 * 1024
+MAX_CONNECTIONS = 20_000
 
 
 class App:
@@ -43,6 +50,10 @@ class App:
         self.draining = asyncio.Event()
         self.connections: set[asyncio.Task[None]] = set()
         self.requests = 0
+        self.handoff = AsyncHandoff.from_environ()
+        self.to_give: list[socket.socket] = []
+        self.give_wakeup = asyncio.Event()
+        self.handed_over = 0
 
     def body(self) -> bytes:
         return f"hello from generation {self.generation}, pid {os.getpid()}\n".encode()
@@ -61,7 +72,6 @@ class App:
         # connection is taken from the kernel's queue, so none can be dropped.
         if self.draining.is_set():
             return
-        loop = asyncio.get_running_loop()
         for _ in range(64):  # bounded per wake-up, fair to other listeners
             try:
                 conn, _ = sock.accept()
@@ -69,22 +79,49 @@ class App:
                 return
             except OSError:
                 return  # ECONNABORTED and friends: the client gave up
-            conn.setblocking(False)
-            task = loop.create_task(self.serve(conn))
-            self.connections.add(task)
-            task.add_done_callback(self.connections.discard)
+            self.start(conn, fresh=True)
 
-    async def serve(self, conn: socket.socket) -> None:
+    def adopt(self, conn: socket.socket, state: bytes) -> None:
+        """A kept-alive connection the old generation handed over: between
+        two requests, exactly as if it had been ours all along."""
+        self.start(conn, fresh=False)
+
+    def start(self, conn: socket.socket, *, fresh: bool, detachable: bool = True) -> None:
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self.serve(conn, fresh, detachable))
+        self.connections.add(task)
+        task.add_done_callback(self.connections.discard)
+
+    async def serve(self, conn: socket.socket, fresh: bool, detachable: bool) -> None:
         reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_HEAD)
+        detachable = detachable and self.handoff is not None
+        # A new connection always has a request on its way, even if its bytes
+        # are not here yet: never close it unanswered (hand it over at most).
+        idle_timeout = IDLE_TIMEOUT
         try:
-            # A new connection always has a request on its way, even if its
-            # bytes are not here yet: never close it unanswered.
-            head: bytes | None = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
-            while head is not None:
-                await self.respond(reader, writer, head)
-                if not self.keep_alive(head):
+            while True:
+                message = await read_or_detach(
+                    reader,
+                    writer,
+                    lambda: self.read_request(reader),
+                    stop=self.draining,
+                    detachable=detachable,
+                    idle_timeout=idle_timeout,
+                )
+                if isinstance(message, Detached):
+                    self.to_give.append(message.sock)
+                    self.give_wakeup.set()
                     return
-                head = await self.next_request(reader)
+                if message is None:
+                    if fresh and not detachable:
+                        # Draining without a broker: wait for the first request.
+                        message = await asyncio.wait_for(self.read_request(reader), idle_timeout)
+                    else:
+                        return
+                fresh = False
+                keep_alive = await self.respond(writer, message, detachable)
+                if not keep_alive:
+                    return
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
@@ -97,47 +134,25 @@ class App:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def next_request(self, reader: asyncio.StreamReader) -> bytes | None:
-        """The next request head on a kept-alive connection, or None to close.
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        """One request: its head (the body, if any, is read and dropped)."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = _content_length(head)
+        if length:
+            await reader.readexactly(length)
+        return head
 
-        Closes only between requests: when draining (or idle too long) and no
-        byte of a next request has arrived.
-        """
-        buffered = reader._buffer  # type: ignore[attr-defined]
-        if self.draining.is_set() and not buffered:
-            return None
-        read_head = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
-        drain = asyncio.ensure_future(self.draining.wait())
-        done, _ = await asyncio.wait(
-            {read_head, drain}, timeout=IDLE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-        )
-        drain.cancel()
-        if read_head in done:
-            return read_head.result()
-        # Idle, and draining or timed out. A request may be arriving at this
-        # very moment: take it if its first bytes are here.
-        read_head.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await read_head
-        if not reader._buffer:  # type: ignore[attr-defined]
-            return None
-        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-
-    def keep_alive(self, head: bytes) -> bool:
+    def keep_alive(self, head: bytes, detachable: bool) -> bool:
         request_line = head.split(b"\r\n", 1)[0]
         return (
             b"connection: close" not in head.lower()
             and request_line.endswith(b"1.1")
-            and not self.draining.is_set()
+            # Draining: keep the connection only if the new generation can take it.
+            and (detachable or not self.draining.is_set())
         )
 
-    async def respond(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
-    ) -> None:
-        length = _content_length(head)
-        if length:
-            await reader.readexactly(length)
-        keep_alive = self.keep_alive(head)
+    async def respond(self, writer: asyncio.StreamWriter, head: bytes, detachable: bool) -> bool:
+        keep_alive = self.keep_alive(head, detachable)
         body = self.body()
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
@@ -146,19 +161,63 @@ class App:
         )
         await writer.drain()
         self.requests += 1
+        return keep_alive
+
+    async def give_pending(self) -> None:
+        """Hand the detached idle connections to the new generation; those it
+        cannot take come back and are closed between requests, as before."""
+        batch, self.to_give = self.to_give, []
+        assert self.handoff is not None
+        result = await self.handoff.give(batch)
+        self.handed_over += result.placed
+        for index in result.returned:
+            self.start(batch[index], fresh=False, detachable=False)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.draining.set)
         loop.add_signal_handler(signal.SIGINT, self.draining.set)
+        if self.handoff is not None:
+            try:
+                await self.handoff.start_receiving(
+                    self.adopt, room=lambda: max(0, MAX_CONNECTIONS - len(self.connections))
+                )
+            except (OSError, nodrop.NodropError) as exc:
+                print(f"connection handoff unavailable: {exc}", file=sys.stderr)
+                self.handoff = None
         for sock in self.listeners:
             self.start_accepting(sock)
         nodrop.ready(f"generation {self.generation} serving")
-        await self.draining.wait()
-        self.stop_accepting()
-        nodrop.stopping(f"generation {self.generation} draining")
-        if self.connections:
-            await asyncio.wait(set(self.connections), timeout=IDLE_TIMEOUT + 5)
+        try:
+            await self.draining.wait()
+            self.stop_accepting()
+            nodrop.stopping(f"generation {self.generation} draining")
+            if self.handoff is not None:
+                # Connections still on their way to us are adopted (and handed on).
+                await self.handoff.stop_receiving()
+            await self.drain()
+        finally:
+            if self.handoff is not None:
+                self.handoff.close()
+
+    async def drain(self) -> None:
+        deadline = loop_time() + IDLE_TIMEOUT + 5
+        while (self.connections or self.to_give) and loop_time() < deadline:
+            if self.to_give:
+                await self.give_pending()
+                continue
+            self.give_wakeup.clear()
+            waker = asyncio.ensure_future(self.give_wakeup.wait())
+            await asyncio.wait(
+                {*self.connections, waker},
+                timeout=deadline - loop_time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waker.cancel()
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _content_length(head: bytes) -> int:
