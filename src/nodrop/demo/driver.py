@@ -75,6 +75,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stderr) -> tuple[LoadResult
             "--strategy", options.strategy,
             "--ready-grace", "0.2",
             "--drain-timeout", "10",
+            # Keep-alive clients: hand idle connections to the new generation.
+            *(["--handoff"] if options.mode is Mode.KEEPALIVE else []),
             "--", sys.executable, "-m", "nodrop.demo.app",
         ]  # fmt: skip
         with open(log_path, "wb") as log:
