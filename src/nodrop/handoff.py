@@ -24,7 +24,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -188,6 +188,30 @@ def parse_fds_chunk(
     return total, parsed, meta
 
 
+def fds_messages(
+    items: Sequence[Passable], meta: dict[str, Any] | None = None
+) -> Iterator[tuple[bytes, list[int]]]:
+    """The messages of one transfer, as (encoded header, fds) pairs, without
+    sending them (pure but for ``fileno()``): for blocking senders
+    (:meth:`Channel.send_sockets`) and non-blocking ones (the holder)."""
+    total = len(items)
+    offset = 0
+    while True:
+        chunk = items[offset : offset + MAX_FDS_PER_MESSAGE]
+        header: dict[str, Any] = {
+            "op": "fds",
+            "total": total,
+            "offset": offset,
+            "fds": [[item.name, *item.identity.to_wire()] for item in chunk],
+        }
+        if offset == 0 and meta:
+            header["meta"] = meta
+        yield encode(header), [item.fileno() for item in chunk]
+        offset += len(chunk)
+        if offset >= total:
+            return
+
+
 class Channel:
     """One end of a handoff connection.
 
@@ -213,7 +237,10 @@ class Channel:
             TruncatedError: message or fds truncated by the kernel.
             TimeoutError: nothing within the timeout.
         """
-        msg = recv_with_fds(self.sock, MAX_MESSAGE + 1, max(max_fds, 1))
+        try:
+            msg = recv_with_fds(self.sock, MAX_MESSAGE + 1, max(max_fds, 1))
+        except ConnectionResetError as exc:
+            raise ProtocolError("peer reset the connection") from exc
         if not msg.data and not msg.fds:
             raise ProtocolError("peer closed the connection")
         if len(msg.fds) > max_fds:
@@ -249,22 +276,8 @@ class Channel:
     def send_sockets(self, items: Sequence[Passable], meta: dict[str, Any] | None = None) -> None:
         """Send sockets in chunks of at most 253 (no reply awaited: see
         :meth:`give`)."""
-        total = len(items)
-        offset = 0
-        while True:
-            chunk = items[offset : offset + MAX_FDS_PER_MESSAGE]
-            header: dict[str, Any] = {
-                "op": "fds",
-                "total": total,
-                "offset": offset,
-                "fds": [[item.name, *item.identity.to_wire()] for item in chunk],
-            }
-            if offset == 0 and meta:
-                header["meta"] = meta
-            self.send(header, [item.fileno() for item in chunk])
-            offset += len(chunk)
-            if offset >= total:
-                return
+        for data, fds in fds_messages(items, meta):
+            send_with_fds(self.sock, data, fds)
 
     def recv_sockets(self, *, max_total: int = MAX_TRANSFER) -> Transfer:
         """Receive one transfer; you own the sockets.
@@ -294,8 +307,22 @@ class Channel:
         except Exception as exc:
             transfer.close()
             self.reply_error(str(exc))
+            self.discard_input()
             raise
         return transfer
+
+    def discard_input(self) -> None:
+        """Drop what the peer sent and we will not read (closing its fds), so
+        that closing does not reset the connection before the peer has read
+        our last message. Bounded and non-blocking."""
+        with contextlib.suppress(OSError, ProtocolError):
+            for _ in range(2 * MAX_FDS_PER_MESSAGE):
+                msg = recv_with_fds(
+                    self.sock, MAX_MESSAGE + 1, MAX_FDS_PER_MESSAGE, flags=socket.MSG_DONTWAIT
+                )
+                msg.close_fds()
+                if not msg.data:
+                    break
 
     def give(self, items: Sequence[Passable], meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send sockets and wait for the receiver's ``ok``.
@@ -391,7 +418,19 @@ def accept(
     try:
         creds = check_peer(conn, allowed_uids)
     except Exception as exc:
-        channel.reply_error(str(exc))
-        channel.close()
+        refuse(conn, str(exc))
         raise
     return channel, creds
+
+
+def refuse(sock: socket.socket, message: str) -> None:
+    """Tell the peer why, then close.
+
+    What it sent that we did not read is discarded first (its fds closed):
+    closing a Unix socket with unread data makes the peer's next read fail
+    with ECONNRESET, and it would never see the reason.
+    """
+    channel = Channel(sock, timeout=0)  # never block on a peer that does not read
+    channel.reply_error(message)
+    channel.discard_input()
+    channel.close()

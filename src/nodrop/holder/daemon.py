@@ -37,7 +37,15 @@ from nodrop.fdpass import (
     recv_with_fds,
     send_with_fds,
 )
-from nodrop.handoff import MAX_MESSAGE, decode, encode, listen, parse_fds_chunk
+from nodrop.handoff import (
+    MAX_MESSAGE,
+    decode,
+    encode,
+    fds_messages,
+    listen,
+    parse_fds_chunk,
+    refuse,
+)
 from nodrop.holder import ops
 from nodrop.identity import SocketIdentity, identify
 from nodrop.notifyrecv import NotifyReceiver
@@ -96,6 +104,9 @@ class Held:
     expires_at: float
     depositor: Credentials
     via: str
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def describe(self, now: float) -> dict[str, Any]:
         return {
@@ -296,10 +307,10 @@ class Holder:
                 creds = check_peer(conn, self.config.allowed_uids)
             except PeerDeniedError as exc:
                 self.log(f"nodrop hold: denied: {exc}")
-                _send_error_and_close(conn, str(exc))
+                refuse(conn, str(exc))
                 continue
             if len(self.peers) >= self.config.max_peers:
-                _send_error_and_close(conn, "holder busy: too many connections")
+                refuse(conn, "holder busy: too many connections")
                 continue
             peer = Peer(conn, creds, self.clock() + self.config.idle_timeout)
             self.peers[conn.fileno()] = peer
@@ -326,7 +337,7 @@ class Holder:
             self._selector.unregister(peer.sock)
         if reason is not None:
             self.log(f"nodrop hold: pid {peer.creds.pid}: {reason}")
-            _send_error_and_close(peer.sock, reason)
+            refuse(peer.sock, reason)
         else:
             peer.sock.close()
 
@@ -490,22 +501,8 @@ class Holder:
         peer.claimed = chosen
         peer.state = PeerState.SENDING
         missing = sorted(selector.names - {h.name for h in chosen})[:64]
-        total = len(chosen)
-        offset = 0
-        while True:
-            chunk = chosen[offset : offset + MAX_FDS_PER_MESSAGE]
-            header: dict[str, Any] = {
-                "op": "fds",
-                "total": total,
-                "offset": offset,
-                "fds": [[h.name, *h.identity.to_wire()] for h in chunk],
-            }
-            if offset == 0:
-                header["meta"] = {"ids": [h.id for h in chosen][:1024], "missing": missing}
-            peer.outbox.append((encode(header), [h.sock.fileno() for h in chunk]))
-            offset += len(chunk)
-            if offset >= total:
-                break
+        meta = {"ids": [h.id for h in chosen][:1024], "missing": missing}
+        peer.outbox.extend(fds_messages(chosen, meta))
         self._flush(peer)
 
     def _claim_done(self, peer: Peer) -> None:
@@ -659,24 +656,6 @@ def _summary(items: Any) -> str:
     parts = [f"{h.name}={h.identity}" for h in items]
     more = f" (+{len(parts) - 8} more)" if len(parts) > 8 else ""
     return ", ".join(parts[:8]) + more
-
-
-def _send_error_and_close(sock: socket.socket, message: str) -> None:
-    """Tell the peer why, then close. What it sent that we did not read is
-    discarded first (its fds closed): closing a Unix socket with unread data
-    makes the peer's next read fail with ECONNRESET, and it would never see
-    the reason."""
-    with contextlib.suppress(OSError, ProtocolError):
-        send_with_fds(sock, encode({"op": "error", "message": message[:4000]}))
-    with contextlib.suppress(OSError, ProtocolError):
-        for _ in range(2 * MAX_FDS_PER_MESSAGE):  # bounded
-            msg = recv_with_fds(
-                sock, MAX_MESSAGE + 1, MAX_FDS_PER_MESSAGE, flags=socket.MSG_DONTWAIT
-            )
-            msg.close_fds()
-            if not msg.data:
-                break
-    sock.close()
 
 
 def _in_use(path: str) -> bool:
