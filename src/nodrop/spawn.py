@@ -55,7 +55,7 @@ def shim_argv(argv: Sequence[str], shell: str | None = SH) -> list[str]:
 _strays_handled = False
 
 
-def _close_strays_on_exec() -> None:
+def close_strays_on_exec() -> None:
     """Mark every fd above 2 close-on-exec.
 
     Python creates its own fds close-on-exec, but fds inherited from *our*
@@ -127,7 +127,7 @@ def spawn(
     global _strays_handled
     if not _strays_handled:
         # Once per process: fds we create later are close-on-exec already.
-        _close_strays_on_exec()
+        close_strays_on_exec()
         _strays_handled = True
     # Copy the fds above the target range first: a source that already sits at
     # its target number would otherwise keep FD_CLOEXEC (dup2(fd, fd) is a

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from nodrop.activation import SD_LISTEN_FDS_START, activation_env
+from nodrop.spawn import close_strays_on_exec
 
 
 def register(subparsers: Any) -> None:
@@ -88,14 +89,7 @@ def _into_place(fds: list[int]) -> None:
     """
     floor = SD_LISTEN_FDS_START + len(fds)
     temps = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in fds]
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2:
-            try:
-                flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-                fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-            except OSError:
-                continue  # the listdir's own fd, already gone
+    close_strays_on_exec()
     for i, temp in enumerate(temps):
         os.dup2(temp, SD_LISTEN_FDS_START + i, inheritable=True)
         os.close(temp)
