@@ -155,11 +155,11 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from nodrop.activation import listen_fds
     from nodrop.registry import HeldSocket
+    from nodrop.supervisor.broker import ConnectionBroker
     from nodrop.supervisor.config import config_from_dict, load_config
     from nodrop.supervisor.control import default_control_path
     from nodrop.supervisor.process import become_subreaper
     from nodrop.supervisor.reexec import load_state, restore
-    from nodrop.supervisor.broker import ConnectionBroker
     from nodrop.supervisor.strategies import make_listeners
     from nodrop.supervisor.supervisor import Supervisor, run_supervisor
 
