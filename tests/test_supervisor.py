@@ -340,7 +340,9 @@ def test_bad_command_lines_are_clear_errors(tmp_path: Path, args: list[str], err
 
 
 def test_reexec_keeps_serving_with_the_same_pid_sockets_and_workers(supervise: Start) -> None:
-    sup = supervise("--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05")
+    sup = supervise(
+        "--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05"
+    )
     before = sup.status()
     workers_before = [w["pid"] for w in before["generations"][0]["workers"]]
     inode_before = before["listeners"][0]["inode"]
@@ -348,7 +350,14 @@ def test_reexec_keeps_serving_with_the_same_pid_sockets_and_workers(supervise: S
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         load = pool.submit(
             run_load,
-            LoadConfig(host="127.0.0.1", port=port, mode=Mode.CLOSE, concurrency=8, duration=3.0, processes=1),
+            LoadConfig(
+                host="127.0.0.1",
+                port=port,
+                mode=Mode.CLOSE,
+                concurrency=8,
+                duration=3.0,
+                processes=1,
+            ),
         )
         outputs = [sup.cli("reexec") for _ in range(3)]
         result = load.result()

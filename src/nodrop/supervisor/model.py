@@ -66,7 +66,9 @@ class Worker:
             "pid": self.pid,
             "state": self.state.value,
             "age": round(now - self.started, 3),
-            "ready_after": None if self.ready_at is None else round(self.ready_at - self.started, 6),
+            "ready_after": None
+            if self.ready_at is None
+            else round(self.ready_at - self.started, 6),
             "restarts": self.restarts,
             "exit_code": self.exit_code,
             "status": self.status_text,
