@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nodrop.connhandoff.client import (
     DEFAULT_ROOM,
@@ -91,6 +92,21 @@ async def _flush(writer: asyncio.StreamWriter) -> None:
         await writer.drain()
 
 
+DEFAULT_LINGER = 5.0
+"""Draining without a broker: how long an idle connection waits for its next
+request (answered with ``Connection: close``) before it is closed."""
+
+
+def _readable(transport: asyncio.Transport) -> bool:
+    """Bytes (or EOF) waiting in the kernel that asyncio has not read yet."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 async def read_or_detach(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -100,6 +116,7 @@ async def read_or_detach(
     detachable: bool = True,
     idle_timeout: float | None = None,
     message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
+    linger: float = DEFAULT_LINGER,
 ) -> T | Detached | None:
     """The next message, or the idle connection once ``stop`` is set.
 
@@ -112,31 +129,40 @@ async def read_or_detach(
         detachable: False when nobody can take the connection (no broker).
         idle_timeout: give up on a connection idle this long.
         message_timeout: bound on ``read`` once its first byte is here.
+        linger: draining and not detachable: how long to wait for the next
+            message before closing.
 
     Returns:
         The message; :class:`Detached` when stopping and idle (and
-        ``detachable``); None when idle past ``idle_timeout``, or stopping and
-        idle but not detachable: close it, no request can be lost.
+        ``detachable``); None to close: idle past ``idle_timeout``, or
+        draining, not detachable and no message within ``linger``.
+
+    A connection is never closed while bytes of a next message are waiting,
+    in asyncio's buffer or in the kernel's: closing a socket with unread data
+    resets it, and the client's request would be lost. Draining without a
+    broker therefore waits for the next message (the caller answers it with
+    ``Connection: close``) rather than racing the client with a close.
 
     Raises:
         whatever ``read`` raises (EOF, protocol errors), TimeoutError.
     """
     transport = _transport(writer)
     for _ in range(3):  # a flush may let bytes in; then they are ours to answer
-        if stop.is_set() and not buffered(reader):
-            if not detachable:
-                return None
+        if detachable and stop.is_set() and not buffered(reader):
             await _flush(writer)
-            if buffered(reader):
+            if buffered(reader) or _readable(transport):
                 continue
             sock = detach(reader, writer)
             return Detached(sock) if sock is not None else None
         break
-    if not buffered(reader) and not stop.is_set() and not reader._eof:  # type: ignore[attr-defined]
+    if not buffered(reader) and not reader._eof:  # type: ignore[attr-defined]
+        lingering = stop.is_set()  # draining and not detachable
         if not transport.is_reading():
             transport.resume_reading()
         waiter = asyncio.ensure_future(reader._wait_for_data("read_or_detach"))  # type: ignore[attr-defined]
-        stopper = asyncio.ensure_future(stop.wait())
+        waits: set[asyncio.Future[Any]] = {waiter}
+        if not lingering:
+            waits.add(asyncio.ensure_future(stop.wait()))
         try:
             # Let the waiter task register itself with the reader first: bytes
             # fed before that would wake nobody (and _wait_for_data does not
@@ -144,21 +170,32 @@ async def read_or_detach(
             await asyncio.sleep(0)
             if not buffered(reader):
                 await asyncio.wait(
-                    {waiter, stopper}, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED
+                    waits,
+                    timeout=linger if lingering else idle_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
         finally:
-            stopper.cancel()
-            waiter.cancel()
+            for fut in waits:
+                fut.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
         if not buffered(reader) and not reader.at_eof():
-            if stop.is_set():
-                return await read_or_detach(reader, writer, read, stop=stop, detachable=detachable)
-            return None  # idle timeout
+            if stop.is_set() and not lingering:  # the drain began while we waited
+                return await read_or_detach(
+                    reader,
+                    writer,
+                    read,
+                    stop=stop,
+                    detachable=detachable,
+                    message_timeout=message_timeout,
+                    linger=linger,
+                )
+            if not _readable(transport):
+                return None  # idle timeout, or lingered long enough: close
     if not transport.is_reading():
         transport.resume_reading()
     result = await asyncio.wait_for(read(), message_timeout)
-    if stop.is_set():
+    if stop.is_set() and detachable:
         transport.pause_reading()  # the next message waits in the kernel
     return result
 
