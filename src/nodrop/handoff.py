@@ -315,14 +315,20 @@ class Channel:
         """Drop what the peer sent and we will not read (closing its fds), so
         that closing does not reset the connection before the peer has read
         our last message. Bounded and non-blocking."""
-        with contextlib.suppress(OSError, ProtocolError):
-            for _ in range(2 * MAX_FDS_PER_MESSAGE):
-                msg = recv_with_fds(
-                    self.sock, MAX_MESSAGE + 1, MAX_FDS_PER_MESSAGE, flags=socket.MSG_DONTWAIT
-                )
-                msg.close_fds()
-                if not msg.data:
-                    break
+        timeout = self.sock.gettimeout()
+        # Non-blocking for real: with a timeout set, Python polls for
+        # readability before recvmsg, whatever MSG_DONTWAIT says.
+        self.sock.settimeout(0)
+        try:
+            with contextlib.suppress(OSError, ProtocolError):
+                for _ in range(2 * MAX_FDS_PER_MESSAGE):
+                    msg = recv_with_fds(self.sock, MAX_MESSAGE + 1, MAX_FDS_PER_MESSAGE)
+                    msg.close_fds()
+                    if not msg.data:
+                        break
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(timeout)
 
     def give(self, items: Sequence[Passable], meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send sockets and wait for the receiver's ``ok``.
