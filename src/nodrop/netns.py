@@ -14,6 +14,7 @@ test or benchmark changing the host.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import functools
@@ -21,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -185,16 +187,27 @@ def run_in_netns(target: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> A
     cmd = [sys.executable, "-m", "nodrop.netns", str(wfd), target, *args]
     try:
         env = {**os.environ, OUTER_NETNS_ENV: str(_netns_inode("self"))}
+        # A session of its own: on timeout the whole group goes, including
+        # processes the function started (they would otherwise keep the
+        # pipes open and the namespace alive).
         with subprocess.Popen(
-            cmd, pass_fds=(wfd,), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            cmd,
+            pass_fds=(wfd,),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         ) as proc:
             os.close(wfd)
             wfd = -1
             try:
                 out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired as exc:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.kill()
-                proc.communicate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=5)
                 raise NetnsError(0, f"{target} timed out after {timeout}s in a netns") from exc
             with os.fdopen(rfd, "rb") as pipe:
                 rfd = -1
