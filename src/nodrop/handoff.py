@@ -212,6 +212,37 @@ def fds_messages(
             return
 
 
+class Assembly:
+    """A transfer being received, chunk by chunk (for blocking and
+    non-blocking receivers alike). On error the caller closes
+    :attr:`transfer`; the fds of a rejected chunk are closed here."""
+
+    def __init__(self, max_total: int = MAX_TRANSFER) -> None:
+        self.transfer = Transfer()
+        self.total: int | None = None
+        self.max_total = max_total
+
+    @property
+    def done(self) -> bool:
+        return self.total is not None and len(self.transfer.sockets) >= self.total
+
+    def add(self, header: dict[str, Any], fds: list[int]) -> None:
+        """Take one ``fds`` message; raises ProtocolError (its fds closed)."""
+        sockets = self.transfer.sockets
+        try:
+            total, entries, meta = parse_fds_chunk(header, len(fds), len(sockets), self.max_total)
+        except ProtocolError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for fd, (name, identity) in zip(fds, entries, strict=True):
+            sockets.append(ReceivedSocket(fd, name, identity))
+        if self.total is None:
+            self.total = total
+            self.transfer.meta = meta or {}
+            ensure_fd_room(total - len(sockets))
+
+
 class Channel:
     """One end of a handoff connection.
 
@@ -285,25 +316,12 @@ class Channel:
         On any error every fd of the transfer received so far is closed, an
         ``error`` reply is sent when possible, and the error is raised.
         """
-        transfer = Transfer()
+        assembly = Assembly(max_total)
+        transfer = assembly.transfer
         try:
-            total = None
-            while total is None or len(transfer.sockets) < total:
+            while not assembly.done:
                 header, fds = self.recv(max_fds=MAX_FDS_PER_MESSAGE)
-                try:
-                    got_total, entries, meta = parse_fds_chunk(
-                        header, len(fds), len(transfer.sockets), max_total
-                    )
-                except ProtocolError:
-                    for fd in fds:
-                        os.close(fd)
-                    raise
-                for fd, (name, identity) in zip(fds, entries, strict=True):
-                    transfer.sockets.append(ReceivedSocket(fd, name, identity))
-                if total is None:
-                    total = got_total
-                    transfer.meta = meta or {}
-                    ensure_fd_room(total - len(transfer.sockets))
+                assembly.add(header, fds)
         except Exception as exc:
             transfer.close()
             self.reply_error(str(exc))

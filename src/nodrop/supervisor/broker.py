@@ -57,8 +57,8 @@ from nodrop.connhandoff.wire import (
     split_evenly,
 )
 from nodrop.errors import NodropError, ProtocolError
-from nodrop.fdpass import MAX_FDS_PER_MESSAGE, check_peer, ensure_fd_room
-from nodrop.handoff import Channel, ReceivedSocket, Transfer, listen, parse_fds_chunk
+from nodrop.fdpass import MAX_FDS_PER_MESSAGE, check_peer
+from nodrop.handoff import Assembly, Channel, ReceivedSocket, Transfer, listen
 from nodrop.supervisor.model import Generation, GenState, Worker, WorkerState
 
 DEFAULT_ACK_TIMEOUT = 10.0
@@ -355,30 +355,18 @@ class ConnectionBroker:
     async def _recv_transfer(
         self, channel: Channel, first: tuple[dict[str, Any], list[int]] | None
     ) -> Transfer:
-        transfer = Transfer()
+        assembly = Assembly(MAX_BATCH)
+        transfer = assembly.transfer
         try:
-            total: int | None = None
             deadline: float | None = None
-            while total is None or len(transfer.sockets) < total:
+            while not assembly.done:
                 if first is not None:
                     (header, fds), first = first, None
                 else:
                     header, fds = await self._recv(channel, MAX_FDS_PER_MESSAGE, deadline)
-                try:
-                    got, entries, meta = parse_fds_chunk(
-                        header, len(fds), len(transfer.sockets), MAX_BATCH
-                    )
-                except ProtocolError:
-                    for fd in fds:
-                        os.close(fd)
-                    raise
-                for fd, (name, identity) in zip(fds, entries, strict=True):
-                    transfer.sockets.append(ReceivedSocket(fd, name, identity))
-                if total is None:
-                    total = got
-                    transfer.meta = meta or {}
+                assembly.add(header, fds)
+                if deadline is None:
                     deadline = time.monotonic() + self.ack_timeout
-                    ensure_fd_room(total - len(transfer.sockets))
             for item in transfer.sockets:
                 if item.identity.type != socket.SOCK_STREAM or item.identity.listening:
                     raise ProtocolError("only connected stream sockets can be handed over")
