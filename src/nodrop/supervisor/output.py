@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -75,3 +76,42 @@ class TaggedStream:
 
     def fileno(self) -> int:
         return self._fd
+
+
+class WorkerOutput:
+    """The tagged stdout/stderr streams of every worker, by pid."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, enabled: bool = True) -> None:
+        self._loop = loop
+        self.enabled = enabled
+        self._streams: dict[int, list[TaggedStream]] = {}
+
+    def pipes(self) -> list[tuple[int, int]]:
+        """(read, write) pairs for a new worker's stdout and stderr, or none."""
+        if not self.enabled:
+            return []
+        return [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
+
+    def attach(
+        self, pid: int, label: str, read_fds: list[int], on_stderr: Callable[[str], None]
+    ) -> None:
+        """Start passing a worker's output through, tagged ``[label]``."""
+        if len(read_fds) != 2:
+            return
+        tag = f"[{label}]"
+        self._streams[pid] = [
+            TaggedStream(self._loop, read_fds[0], tag, sys.stdout.buffer),
+            TaggedStream(self._loop, read_fds[1], tag, sys.stderr.buffer, on_stderr),
+        ]
+
+    def fds(self, pid: int) -> list[int]:
+        """The read ends of a worker's pipes (to keep them across re-exec)."""
+        return [s.fileno() for s in self._streams.get(pid, []) if s.fileno() >= 0]
+
+    def detach(self, pid: int) -> None:
+        for stream in self._streams.pop(pid, []):
+            stream.close()
+
+    def close(self) -> None:
+        for pid in list(self._streams):
+            self.detach(pid)

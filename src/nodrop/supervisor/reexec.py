@@ -31,7 +31,6 @@ from nodrop.registry import HeldSocket
 from nodrop.supervisor.config import config_from_dict, config_to_dict
 from nodrop.supervisor.listeners import InheritListeners
 from nodrop.supervisor.model import Generation, GenState, ReloadOutcome, Worker, WorkerState
-from nodrop.supervisor.output import TaggedStream
 
 if TYPE_CHECKING:
     from nodrop.supervisor.supervisor import Supervisor
@@ -94,7 +93,7 @@ def snapshot(sup: Supervisor) -> tuple[dict[str, Any], list[int]]:
     for gen in sup.generations:
         workers = []
         for worker in gen.workers:
-            streams = [s.fileno() for s in sup._streams.get(worker.pid, []) if s.fileno() >= 0]
+            streams = sup.output.fds(worker.pid) if sup.output is not None else []
             if worker.state is not WorkerState.EXITED:
                 fds.extend(streams)
             else:
@@ -276,18 +275,8 @@ def adopt(sup: Supervisor, resume: Resume) -> None:
             if worker.state is WorkerState.EXITED:
                 continue
             sup._workers[worker.pid] = (worker, gen)
-            if len(streams) == 2:
-                tag = f"[{worker.label}]"
-                sup._streams[worker.pid] = [
-                    TaggedStream(sup._loop, streams[0], tag, sys.stdout.buffer),
-                    TaggedStream(
-                        sup._loop,
-                        streams[1],
-                        tag,
-                        sys.stderr.buffer,
-                        worker.stderr_tail.append,
-                    ),
-                ]
+            if sup.output is not None:
+                sup.output.attach(worker.pid, worker.label, streams, worker.stderr_tail.append)
         if gen.drain_started is not None and gen.live_workers():
             left = gen.drain_started + gen.config.drain_timeout - now
             sup._kill_timers[gen.number] = sup._loop.call_later(

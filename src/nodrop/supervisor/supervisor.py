@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from typing import Any, Protocol, TextIO
 from nodrop.errors import NodropError
 from nodrop.notify import notify as sd_notify
 from nodrop.notifyrecv import NotifyReceiver
-from nodrop.supervisor import reexec
+from nodrop.supervisor import api, reexec
 from nodrop.supervisor.config import (
     DEFAULT_RESTART_BACKOFF,
     ReadyMode,
@@ -48,8 +49,9 @@ from nodrop.supervisor.model import (
     Worker,
     WorkerState,
 )
-from nodrop.supervisor.output import TaggedStream
+from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
+from nodrop.supervisor.readiness import wait_ready
 
 
 class Broker(Protocol):
@@ -67,8 +69,6 @@ HISTORY = 50
 KEEP_EXITED_GENERATIONS = 5
 RESTART_RESET_AFTER = 10.0
 """A worker that stayed up this long resets its restart backoff."""
-CRASH_LOOP_WINDOW = 60.0
-CRASH_LOOP_RESTARTS = 5
 
 
 class Supervisor:
@@ -105,7 +105,7 @@ class Supervisor:
         self.warnings_log: collections.deque[str] = collections.deque(maxlen=20)
         self._next_number = 1
         self._workers: dict[int, tuple[Worker, Generation]] = {}
-        self._streams: dict[int, list[TaggedStream]] = {}
+        self.output: WorkerOutput | None = None
         self._changed: dict[int, asyncio.Event] = {}
         self._drained: dict[int, asyncio.Future[float]] = {}
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
@@ -145,6 +145,7 @@ class Supervisor:
         """Start generation 1, serve until stopped; returns the exit status."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self.output = WorkerOutput(loop, enabled=self.tag_output)
         self._stopped = loop.create_future()
         resume, self._resume = self._resume, None
         if resume is not None:
@@ -167,7 +168,7 @@ class Supervisor:
         # Signals held across a re-exec are delivered from here on.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, reexec.HELD_SIGNALS)
         try:
-            self.control = ControlServer(control_sock, self._handle_control)
+            self.control = ControlServer(control_sock, functools.partial(api.handle, self))
             await self.control.start()
             if self.broker is not None:
                 await self.broker.start(self)
@@ -208,9 +209,8 @@ class Supervisor:
             env["NODROP_HANDOFF"] = self.broker.path
         fds = [h.fileno() for h in gen.listeners]
         names = [h.name for h in gen.listeners]
-        pipes: list[tuple[int, int]] = []
-        if self.tag_output:
-            pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
+        assert self.output is not None
+        pipes = self.output.pipes()
         try:
             pid = self.processes.spawn(
                 config.command,
@@ -225,18 +225,10 @@ class Supervisor:
                 os.close(r)
                 os.close(w)
             raise
+        for _, w in pipes:
+            os.close(w)
         worker = Worker(gen.number, index, pid, restarts=restarts)
-        if pipes:
-            assert self._loop is not None
-            for _, w in pipes:
-                os.close(w)
-            tag = f"[{worker.label}]"
-            self._streams[pid] = [
-                TaggedStream(self._loop, pipes[0][0], tag, sys.stdout.buffer),
-                TaggedStream(
-                    self._loop, pipes[1][0], tag, sys.stderr.buffer, worker.stderr_tail.append
-                ),
-            ]
+        self.output.attach(pid, worker.label, [r for r, _ in pipes], worker.stderr_tail.append)
         self._workers[pid] = (worker, gen)
         if config.ready.mode is ReadyMode.DELAY:
             assert self._loop is not None
@@ -270,59 +262,6 @@ class Supervisor:
                 gen.note = f"cannot start worker {index}: {exc}"
                 break
         return gen
-
-    def _exit_failure(self, gen: Generation) -> str | None:
-        for worker in gen.workers:
-            if worker.state is WorkerState.EXITED:
-                tail = "".join(f"\n    {line}" for line in worker.stderr_tail)
-                last = f"; last lines of its stderr:{tail}" if tail else ""
-                when = (
-                    "before it was ready"
-                    if worker.ready_at is None
-                    else f"{time.monotonic() - worker.ready_at:.2f}s after it was ready"
-                )
-                return (
-                    f"generation {gen.number}, worker {worker.index} {worker.describe_exit()} "
-                    f"{when}{last}"
-                )
-        return None
-
-    async def _wait_ready(self, gen: Generation, timeout: float, grace: float) -> str | None:
-        """None when every worker is ready and stayed up ``grace`` seconds, else why not."""
-        deadline = time.monotonic() + timeout
-        event = self._changed[gen.number]
-        stable_at: float | None = None
-        while True:
-            if gen.note:
-                return f"generation {gen.number}: {gen.note}"
-            failure = self._exit_failure(gen)
-            if failure is not None:
-                return failure
-            if gen.all_ready():
-                if stable_at is None:
-                    stable_at = time.monotonic() + grace
-                remaining = stable_at - time.monotonic()
-                if remaining <= 0:
-                    return None
-                event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                waiting = [str(w.index) for w in gen.workers if w.state is WorkerState.STARTING]
-                hint = (
-                    " (does the server send READY=1 to $NOTIFY_SOCKET? if it cannot, use --ready delay:SECONDS)"
-                    if gen.config.ready.mode is ReadyMode.NOTIFY
-                    else ""
-                )
-                return (
-                    f"generation {gen.number} was not ready within {timeout:g}s: "
-                    f"worker(s) {', '.join(waiting)} still starting{hint}"
-                )
-            event.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
 
     def _kill_generation(self, gen: Generation) -> None:
         for worker in gen.live_workers():
@@ -425,7 +364,9 @@ class Supervisor:
         except NodropError as exc:
             return failed(f"{exc}; the old generation keeps serving" if not first else str(exc))
         gen = self._new_generation(config, listeners)
-        why = await self._wait_ready(gen, config.ready_timeout, config.ready_grace)
+        why = await wait_ready(
+            gen, self._changed[gen.number], config.ready_timeout, config.ready_grace
+        )
         if why is not None or self._stopping:
             if self._stopping and why is None:
                 why = "the supervisor is stopping"
@@ -537,8 +478,8 @@ class Supervisor:
     def _on_sigchld(self) -> None:
         for pid, code in self.processes.reap():
             entry = self._workers.pop(pid, None)
-            for stream in self._streams.pop(pid, []):
-                stream.close()
+            if self.output is not None:
+                self.output.detach(pid)
             if entry is None:
                 continue  # an orphan handed to us (we are PID 1 or a subreaper)
             worker, gen = entry
@@ -562,11 +503,11 @@ class Supervisor:
         restarts = 0 if uptime >= RESTART_RESET_AFTER else worker.restarts + 1
         low, high = DEFAULT_RESTART_BACKOFF
         delay = 0.0 if restarts == 0 else min(high, low * 2 ** (restarts - 1))
-        recent = sum(1 for t in self._restart_times if now - t < CRASH_LOOP_WINDOW)
+        recent = api.restarts_last_minute(self, now)
         message = f"worker {worker.label} (pid {worker.pid}) {worker.describe_exit()}; restarting in {delay:.1f}s"
-        if recent >= CRASH_LOOP_RESTARTS:
+        if recent >= api.CRASH_LOOP_RESTARTS:
             self.warn(
-                f"crash loop: {recent} restarts in the last {CRASH_LOOP_WINDOW:g}s; {message}"
+                f"crash loop: {recent} restarts in the last {api.CRASH_LOOP_WINDOW:g}s; {message}"
             )
         else:
             self.log(message)
@@ -627,10 +568,8 @@ class Supervisor:
             if self._workers:
                 await asyncio.sleep(0.01)
         loop.remove_signal_handler(signal.SIGCHLD)
-        for streams in self._streams.values():
-            for stream in streams:
-                stream.close()
-        self._streams.clear()
+        if self.output is not None:
+            self.output.close()
         for fut in (self._current, self._next):
             if fut is not None and not fut.done():
                 fut.set_result(
@@ -658,67 +597,11 @@ class Supervisor:
             entry = self._workers.get(group) if group is not None else None
         return entry
 
-    # -- control ----------------------------------------------------------------
-    async def _handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
-        cmd = request["cmd"]
-        if cmd == "reload":
-            outcome = await self.reload_and_wait(request.get("wait", "ready"))
-            return outcome.to_dict()
-        if cmd == "status":
-            return {"ok": True, **self.status()}
-        if cmd == "reexec":
-            if self._current is not None or self._stopping:
-                return {
-                    "ok": False,
-                    "message": "a reload is in progress or the supervisor is stopping; try again",
-                }
-            try:
-                reexec.snapshot(self)  # refuse now, with the reason, if it cannot work
-            except NodropError as exc:
-                return {"ok": False, "message": str(exc)}
-            self.log("re-executing the supervisor's program (nodrop reexec)")
-            return {"ok": True, "message": "re-executing", "_after": self._reexec}
-        if cmd == "stop":
-            self.stop()
-            assert self._stopped is not None
-            await asyncio.shield(self._stopped)
-            return {"ok": True, "message": "stopped: every generation has exited"}
-        return {"ok": False, "message": f"{cmd} is not supported by this supervisor"}
-
-    def _reexec(self) -> None:
-        try:
-            reexec.execute(self)
-        except NodropError as exc:
-            self.warn(str(exc))
-
     def _status_line(self) -> str:
         gen = self.active
         if gen is None:
             return "starting"
         return f"generation {gen.number} serving with {len(gen.live_workers())} worker(s)"
-
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        crash_restarts = sum(1 for t in self._restart_times if now - t < CRASH_LOOP_WINDOW)
-        warnings = list(self.listeners.warnings()) + list(self.warnings_log)
-        return {
-            "pid": os.getpid(),
-            "uptime": round(now - self.started, 3),
-            "reexecs": self.reexecs,
-            "strategy": self.config.strategy.value,
-            "control": self.control_path,
-            "active_generation": None if self.active is None else self.active.number,
-            "reload_in_progress": self._current is not None,
-            "stopping": self._stopping,
-            "generations": [g.to_dict(now) for g in self.generations],
-            "listeners": self.listeners.status(),
-            "reloads": [o.to_dict() for o in self.history],
-            "restarts_last_minute": crash_restarts,
-            "crash_loop": crash_restarts >= CRASH_LOOP_RESTARTS,
-            "warnings": warnings,
-            "summary": self._status_line(),
-            "handoff": None if self.broker is None else getattr(self.broker, "stats", dict)(),
-        }
 
 
 def run_supervisor(supervisor: Supervisor, on_exit: Callable[[], None] | None = None) -> int:
