@@ -377,3 +377,31 @@ def test_reexec_keeps_serving_with_the_same_pid_sockets_and_workers(supervise: S
     for pid in workers_before:
         assert not os.path.exists(f"/proc/{pid}")
     assert sup.stop() == 0
+
+
+def test_drain_cap_kills_the_oldest_draining_generation(supervise: Start, tmp_path: Path) -> None:
+    port = free_port()
+    cfg = tmp_path / "nodrop.toml"
+    write_config(
+        cfg, port, "stubborn", ["--ignore-term"], drain_timeout=60, ready_grace=0, max_draining=1
+    )
+    sup = supervise("--config", str(cfg), command=[])
+    assert sup.reload()["ok"]  # generation 1 drains (and ignores SIGTERM)
+    assert sup.reload()["ok"]  # generation 2 drains too: over the cap of 1
+    wait_for(
+        lambda: sup.status()["generations"][0]["state"] == "exited",
+        what="generation 1 to be killed at the drain cap",
+    )
+    status = sup.status()
+    gen1, gen2, gen3 = status["generations"][:3]
+    assert gen1["note"] == "killed at the drain cap"
+    assert gen1["workers"][0]["exit_code"] == -signal.SIGKILL
+    assert gen2["state"] == "draining" and gen3["state"] == "active"
+    assert any("--max-draining" in w for w in status["warnings"])
+    assert "gen=3" in http_get(port)
+    # A second TERM while stopping kills the stubborn draining generation now.
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    wait_for(lambda: sup.status()["stopping"], what="the supervisor to start stopping")
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(timeout=10) == 0
+    assert "again: killing every worker now" in sup.log()
