@@ -405,3 +405,18 @@ def test_drain_cap_kills_the_oldest_draining_generation(supervise: Start, tmp_pa
     os.kill(sup.proc.pid, signal.SIGTERM)
     assert sup.proc.wait(timeout=10) == 0
     assert "again: killing every worker now" in sup.log()
+
+
+def test_crash_loop_is_reported_not_hidden(supervise: Start) -> None:
+    sup = supervise(
+        "--listen", "tcp://127.0.0.1:0", "--ready-grace", "0",
+        command=[*SERVER, "--crash-after-ready", "0.2"],
+    )  # fmt: skip
+    status = wait_for(
+        lambda: (s := sup.status())["crash_loop"] and s, timeout=30, what="the crash loop to show"
+    )
+    assert isinstance(status, dict)
+    assert status["restarts_last_minute"] >= 5
+    assert status["generations"][0]["workers"][0]["restarts"] >= 4
+    assert any(w.startswith("crash loop:") for w in status["warnings"])
+    assert "crash loop: " in sup.log()
