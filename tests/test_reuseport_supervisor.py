@@ -191,3 +191,17 @@ def test_no_migration_shows_its_losses(tmp_path: Path) -> None:
     assert r["ok"] > 1000
     assert r["failed"] > 0, "no loss without migration: the comparison shows nothing"
     assert r["outcomes"]["reset"] == r["failed"]
+
+
+def test_reexec_under_the_reuseport_strategy_keeps_steering(tmp_path: Path) -> None:
+    _need_netns()
+    r = _run("reexec_under_load", str(tmp_path))
+    log = r["log"]
+    assert r["reexec_rc"] == [0, 0], r["reexec_out"]
+    assert r["pid_after"] == r["pid_before"] and r["reexecs"] == 2, log
+    assert [(i["migration"], i["steered"]) for i in r["listeners_after_reexec"]] == [("ebpf", True)]
+    assert r["reload_ok"], log
+    assert r["port_after"] == r["port"]
+    assert r["failed"] == 0, (r["outcomes"], log)
+    assert r["ok"] > 100
+    assert "gen=2" in r["body"]

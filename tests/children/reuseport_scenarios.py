@@ -11,6 +11,7 @@ control socket's answers) or polls of kernel/supervisor state with a deadline.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -429,4 +430,49 @@ def under_wrk(
         "reloads": len(answers),
         "reloads_ok": sum(1 for a in answers if a.get("ok")),
         "stdout": proc.stdout[-1500:],
+    }
+
+
+def reexec_under_load(tmp_dir: str) -> dict[str, Any]:
+    """`nodrop reexec` twice, then a reload, under close-mode load (eBPF)."""
+    tmp = Path(tmp_dir)
+    args = ["--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05"]
+    with supervised(tmp, args, env={"NODROP_MIGRATION": "ebpf"}) as sup:
+        before = sup.status()
+        port = sup.port("web")
+        config = LoadConfig(
+            host="127.0.0.1", port=port, mode=Mode.CLOSE, concurrency=16, duration=4.0,
+            processes=1, timeout=5.0,
+        )  # fmt: skip
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            load = pool.submit(run_load, config)
+            reexecs = [
+                subprocess.run(
+                    [sys.executable, "-m", "nodrop", "reexec", "--control", sup.control],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                for _ in range(2)
+            ]
+            after_reexec = sup.status()
+            reload = sup.reload()
+            result = load.result()
+        final = sup.status()
+        body = http_get(port)
+    return {
+        "reexec_rc": [r.returncode for r in reexecs],
+        "reexec_out": [r.stdout + r.stderr for r in reexecs],
+        "pid_before": before["pid"],
+        "pid_after": after_reexec["pid"],
+        "reexecs": after_reexec["reexecs"],
+        "listeners_after_reexec": after_reexec["listeners"],
+        "reload_ok": reload["ok"],
+        "port_after": int(final["listeners"][0]["address"].rsplit(":", 1)[1]),
+        "port": port,
+        "ok": result.ok,
+        "failed": result.failed,
+        "outcomes": dict(result.outcomes),
+        "body": body,
+        "log": sup.log()[-3000:],
     }

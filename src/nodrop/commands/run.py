@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     values = cli_values(args)
     state = load_state()
     if state is not None:  # we are `nodrop reexec`'s new program
-        restored, resume = restore(state)
+        restored, resume = restore(state, log=lambda m: print(f"nodrop: {m}", file=sys.stderr))
         supervisor = Supervisor(
             config_from_dict(state["config"]),
             restored,

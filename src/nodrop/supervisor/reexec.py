@@ -23,13 +23,14 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nodrop.errors import NodropError
 from nodrop.registry import HeldSocket
 from nodrop.supervisor.config import config_from_dict, config_to_dict
-from nodrop.supervisor.listeners import InheritListeners
+from nodrop.supervisor.listeners import InheritListeners, ListenerProvider
 from nodrop.supervisor.model import Generation, GenState, ReloadOutcome, Worker, WorkerState
 
 if TYPE_CHECKING:
@@ -80,13 +81,21 @@ def _worker_from(data: dict[str, Any]) -> Worker:
 
 def snapshot(sup: Supervisor) -> tuple[dict[str, Any], list[int]]:
     """Everything the next program needs, and the fds it must inherit."""
-    if not isinstance(sup.listeners, InheritListeners):
-        raise ReexecError("nodrop reexec supports the inherit strategy only (for now)")
+    from nodrop.supervisor.reuseport import ReuseportListeners
+
     if sup.broker is not None:
         raise ReexecError("nodrop reexec is not supported with connection handoff enabled (yet)")
     assert sup.notify is not None and sup.control is not None
     fds: list[int] = []
-    listeners_state, held = sup.listeners.export_state()
+    if isinstance(sup.listeners, InheritListeners):
+        kind = "inherit"
+        listeners_state, held = sup.listeners.export_state()
+    elif isinstance(sup.listeners, ReuseportListeners):
+        kind = "reuseport"
+        listeners_state, held, extra = sup.listeners.export_state()
+        fds.extend(extra)
+    else:
+        raise ReexecError(f"nodrop reexec cannot carry {type(sup.listeners).__name__}")
     index = {id(h): i for i, h in enumerate(held)}
     fds.extend(h.fileno() for h in held)
     generations = []
@@ -118,6 +127,7 @@ def snapshot(sup: Supervisor) -> tuple[dict[str, Any], list[int]]:
         "version": STATE_VERSION,
         "config": config_to_dict(sup.config),
         "listeners": listeners_state,
+        "listeners_kind": kind,
         "held": [
             {"fd": h.fileno(), "name": h.name, "spec": None if h.spec is None else h.spec.text}
             for h in held
@@ -196,12 +206,16 @@ class Resume:
     generations: list[tuple[Generation, list[tuple[Worker, list[int]]]]]
 
 
-def restore(state: dict[str, Any]) -> tuple[InheritListeners, Resume]:
-    listeners, held = restore_listeners(state)
+def restore(
+    state: dict[str, Any], log: Callable[[str], None] = lambda _m: None
+) -> tuple[ListenerProvider, Resume]:
+    listeners, held = restore_listeners(state, log)
     return listeners, Resume(state, restore_generations(state, held))
 
 
-def restore_listeners(state: dict[str, Any]) -> tuple[InheritListeners, list[HeldSocket]]:
+def restore_listeners(
+    state: dict[str, Any], log: Callable[[str], None] = lambda _m: None
+) -> tuple[ListenerProvider, list[HeldSocket]]:
     from nodrop.spec import parse_spec
 
     held = [
@@ -212,6 +226,13 @@ def restore_listeners(state: dict[str, Any]) -> tuple[InheritListeners, list[Hel
         )
         for item in state["held"]
     ]
+    if state.get("listeners_kind", "inherit") == "reuseport":
+        from nodrop.supervisor.reuseport import ReuseportListeners
+
+        for _key, map_fd, prog_fd in state["listeners"]["steering"]:
+            os.set_inheritable(map_fd, False)
+            os.set_inheritable(prog_fd, False)
+        return ReuseportListeners.from_state(state["listeners"], held, log=log), held
     return InheritListeners.from_state(state["listeners"], held), held
 
 

@@ -267,6 +267,50 @@ class ReuseportListeners:
         self._steering.clear()
         self._unix.close()
 
+    # -- across `nodrop reexec` ------------------------------------------------
+    def export_state(self) -> tuple[dict[str, Any], list[HeldSocket], list[int]]:
+        """State, held sockets (shared ones first, then our per-generation
+        copies) and the extra fds to keep (each steering's map and program)."""
+        unix_state, shared = self._unix.export_state()
+        held = shared + [h for h in self._ours if h not in shared]
+        index = {id(h): i for i, h in enumerate(held)}
+        steering = [[[*list(key[:3]), list(key[3])], *st.fds] for key, st in self._steering.items()]
+        state = {
+            "method": self.method,
+            "reason": self.reason,
+            "unix": unix_state,
+            "shared": len(shared),
+            "ours": [index[id(h)] for h in self._ours],
+            "active": [index[id(h)] for h in self._active if id(h) in index],
+            "steering": steering,
+            "warnings": list(self._warnings),
+        }
+        return state, held, [fd for st in self._steering.values() for fd in st.fds]
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, Any],
+        held: list[HeldSocket],
+        *,
+        log: Callable[[str], None] = lambda _m: None,
+    ) -> ReuseportListeners:
+        """Rebuild from :meth:`export_state` without probing again (the map
+        and program fds are adopted; close-on-exec is the caller's)."""
+        self = cls.__new__(cls)
+        self._log = log
+        self.method, self.reason = state["method"], state["reason"]
+        self._unix = InheritListeners.from_state(state["unix"], held[: state["shared"]])
+        self._ours = [held[i] for i in state["ours"]]
+        self._active = [held[i] for i in state["active"]]
+        self._warnings = list(state["warnings"])
+        self._steering = {}
+        for key_wire, map_fd, prog_fd in state["steering"]:
+            family, type_, proto, address = key_wire
+            key: Key = (family, type_, proto, tuple(address))
+            self._steering[key] = ReuseportSteering.adopt_fds(map_fd, prog_fd)
+        return self
+
 
 __all__ = [
     "FORCE_ENV",
