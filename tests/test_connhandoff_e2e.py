@@ -86,6 +86,7 @@ def test_keepalive_load_twenty_reloads_no_failure_no_reconnect(supervise: Start)
     assert result.reconnects == 0, result.reconnect_causes
     handoff = sup.status()["handoff"]
     assert handoff["placed"] > 0 and handoff["closed"] == 0, handoff
+    assert f"placed {handoff['placed']}, returned" in sup.cli("status").stdout
     assert sup.stop() == 0
 
 

@@ -52,6 +52,12 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(
             f"  reload -> generation {r['generation']}: {mark} in {r['duration']:.3f}s: {r['message'].splitlines()[0]}"
         )
+    handoff = status.get("handoff")
+    if handoff:
+        lines.append(
+            f"  connection handoff: {handoff['receivers']} receiver(s); given {handoff['given']}, "
+            f"placed {handoff['placed']}, returned {handoff['returned']}, closed {handoff['closed']}"
+        )
     for w in status["warnings"]:
         lines.append(f"  warning: {w}")
     return "\n".join(lines)
