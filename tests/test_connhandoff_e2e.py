@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import socket
 import sys
@@ -199,4 +200,32 @@ def test_websocket_and_line_sessions_survive_5_reloads_with_state(supervise: Sta
     finally:
         line.close()
         ws.close()
+    assert sup.stop() == 0
+
+
+def test_reexec_with_handoff_on_keeps_handing_over(supervise: Start) -> None:
+    sup = supervise(
+        "--handoff", "--listen", "tcp://127.0.0.1:0", "--workers", "2", "--ready-grace", "0.05",
+        command=DEMO,
+    )  # fmt: skip
+    config = LoadConfig(
+        host="127.0.0.1", port=sup.port(), mode=Mode.KEEPALIVE, concurrency=8, duration=6.0,
+        processes=1, timeout=5.0,
+    )  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(run_load, config)
+        assert sup.reload(wait="drained")["ok"]  # generation 2 registers its receivers
+        for _ in range(2):
+            done = sup.cli("reexec")
+            assert done.returncode == 0, done.stdout + done.stderr
+        placed_before = sup.status()["handoff"]["placed"]
+        # Generation 2's drain after the re-execs goes through the adopted broker.
+        answer = sup.reload(wait="drained")
+        result = load.result()
+    assert answer["ok"], answer
+    status = sup.status()
+    assert status["reexecs"] == 2
+    assert status["handoff"]["placed"] > placed_before, (placed_before, status["handoff"])
+    assert result.failed == 0, result.outcomes
+    assert result.reconnects == 0, result.reconnect_causes
     assert sup.stop() == 0

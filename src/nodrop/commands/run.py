@@ -176,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
             tag_output=not args.no_tag_output,
             service_notify_socket=state["service_notify"],
             resume=resume,
+            broker=None
+            if state.get("broker") is None
+            else ConnectionBroker.from_state(state["broker"]),
         )
         os.environ.pop("NOTIFY_SOCKET", None)
         become_subreaper()

@@ -132,6 +132,7 @@ class ConnectionBroker:
         self._rotate = 0
         self._closed = False
         self.counts: collections.Counter[str] = collections.Counter()
+        self._adopt: dict[str, Any] | None = None
 
     @classmethod
     def in_private_dir(cls, base: str | None = None, **kwargs: Any) -> ConnectionBroker:
@@ -143,9 +144,79 @@ class ConnectionBroker:
     async def start(self, supervisor: BrokerHost) -> None:
         self._host = supervisor
         self._loop = asyncio.get_running_loop()
-        self._listener = listen(self.path, mode=0o600, backlog=128)
+        if self._adopt is not None:
+            self._adopt_state(self._adopt)
+            self._adopt = None
+        else:
+            self._listener = listen(self.path, mode=0o600, backlog=128)
+        assert self._listener is not None
         self._listener.setblocking(False)
         self._loop.add_reader(self._listener.fileno(), self._on_accept)
+
+    # -- across `nodrop reexec` ------------------------------------------------
+    def export_state(self) -> tuple[dict[str, Any], list[int]]:
+        """The listening socket and every registered receiver's channel, to
+        keep across exec. Only when nothing is in flight.
+
+        Raises:
+            ProtocolError: a handoff is in progress (try again in a moment).
+        """
+        busy = self._held or self._closing or any(r.lock.locked() for r in self._receivers)
+        givers = len(self._channels) - len(self._receivers)
+        if busy or givers:
+            raise ProtocolError("a connection handoff is in progress; try again in a moment")
+        assert self._listener is not None
+        receivers = [
+            {"fd": r.channel.fileno(), "pid": r.pid, "room": r.room, "accepting": r.accepting}
+            for r in self._receivers
+            if r.alive
+        ]
+        state = {
+            "path": self.path,
+            "private_dir": self._private_dir,
+            "listener": self._listener.fileno(),
+            "receivers": receivers,
+            "counts": dict(self.counts),
+        }
+        return state, [self._listener.fileno(), *(r["fd"] for r in receivers)]
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ConnectionBroker:
+        """A broker that, once started, takes over :meth:`export_state`'s
+        sockets and receivers (the workers notice nothing)."""
+        self = cls(state["path"], private_dir=state["private_dir"])
+        self._adopt = state
+        return self
+
+    def _adopt_state(self, state: dict[str, Any]) -> None:
+        assert self._host is not None
+        self.counts.update(state["counts"])
+        os.set_inheritable(state["listener"], False)
+        self._listener = socket.socket(fileno=state["listener"])
+        for item in state["receivers"]:
+            os.set_inheritable(item["fd"], False)
+            channel = Channel(socket.socket(fileno=item["fd"]), timeout=0.0)
+            entry = self._host.worker_of(item["pid"])
+            if entry is None:  # that worker is gone: drop its channel
+                channel.close()
+                continue
+            worker, gen = entry
+            self._channels.add(channel)
+            receiver = _Receiver(channel, worker.pid, gen.number, worker, item["room"])
+            receiver.accepting = item["accepting"]
+            self._spawn(self._serve_adopted(receiver))
+
+    async def _serve_adopted(self, receiver: _Receiver) -> None:
+        try:
+            await self._receive_from(receiver)
+        except ProtocolError as exc:
+            if "peer closed" not in str(exc):
+                self._log(f"handoff peer dropped: {exc}")
+        except (OSError, TimeoutError) as exc:
+            self._log(f"handoff peer dropped: {exc!r}")
+        finally:
+            self._channels.discard(receiver.channel)
+            receiver.channel.close()
 
     def close(self) -> None:
         """Close everything now: peers, batches held, lingering connections."""
@@ -300,9 +371,14 @@ class ConnectionBroker:
         self, channel: Channel, worker: Worker, gen: Generation, room: int
     ) -> None:
         receiver = _Receiver(channel, worker.pid, gen.number, worker, room)
+        await self._send(channel, {"op": "ok", "generation": gen.number})
+        await self._receive_from(receiver)
+
+    async def _receive_from(self, receiver: _Receiver) -> None:
+        """A registered receiver's replies and room updates, until it goes."""
+        channel = receiver.channel
         self._receivers.append(receiver)
         try:
-            await self._send(channel, {"op": "ok", "generation": gen.number})
             while True:
                 header, _ = await self._recv(channel, 0, None)
                 if header["op"] in ("ok", "error"):

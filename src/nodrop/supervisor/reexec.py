@@ -83,10 +83,18 @@ def snapshot(sup: Supervisor) -> tuple[dict[str, Any], list[int]]:
     """Everything the next program needs, and the fds it must inherit."""
     from nodrop.supervisor.reuseport import ReuseportListeners
 
-    if sup.broker is not None:
-        raise ReexecError("nodrop reexec is not supported with connection handoff enabled (yet)")
     assert sup.notify is not None and sup.control is not None
     fds: list[int] = []
+    broker_state: dict[str, Any] | None = None
+    if sup.broker is not None:
+        export = getattr(sup.broker, "export_state", None)
+        if export is None:
+            raise ReexecError(f"nodrop reexec cannot carry {type(sup.broker).__name__}")
+        try:
+            broker_state, broker_fds = export()
+        except NodropError as exc:
+            raise ReexecError(str(exc)) from exc
+        fds.extend(broker_fds)
     if isinstance(sup.listeners, InheritListeners):
         kind = "inherit"
         listeners_state, held = sup.listeners.export_state()
@@ -146,6 +154,7 @@ def snapshot(sup: Supervisor) -> tuple[dict[str, Any], list[int]]:
         },
         "control": {"fd": sup.control.sock.fileno(), "path": sup.control_path},
         "service_notify": sup._service_notify,
+        "broker": broker_state,
     }
     return state, fds
 

@@ -170,10 +170,11 @@ class Supervisor:
         try:
             self.control = ControlServer(control_sock, functools.partial(api.handle, self))
             await self.control.start()
+            if resume is not None:
+                reexec.adopt(self, resume)  # before the broker: it maps peers to workers
             if self.broker is not None:
                 await self.broker.start(self)
             if resume is not None:
-                reexec.adopt(self, resume)
                 self.log(
                     f"re-executed (#{self.reexecs}): generation "
                     f"{self.active.number if self.active else '-'} still serving, "
