@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +120,29 @@ def waitpid_status(pid: int, timeout: float = 10.0) -> int:
         os.close(pidfd)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+@pytest.fixture
+def supervise(procs: Procs, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start `nodrop run` supervisors (:func:`supervisor_harness.start`); each
+    is stopped (SIGTERM, SIGKILL after 30 s) and its notify socket closed
+    after the test."""
+    from supervisor_harness import Supervised, start
+
+    started: list[Supervised] = []
+
+    def _start(*args: str, **kwargs: Any) -> Supervised:
+        sup = start(procs, tmp_path, *args, **kwargs)
+        started.append(sup)
+        return sup
+
+    yield _start
+    for sup in started:
+        if sup.proc.poll() is None:
+            sup.proc.send_signal(signal.SIGTERM)
+            try:
+                sup.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                sup.proc.kill()
+                sup.proc.wait(timeout=10)
+        sup.notify.close()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,6 @@ def start(
         notify.close()
         raise
     return sup
+
+
+Start = Callable[..., Supervised]

@@ -12,19 +12,18 @@ import asyncio
 import contextlib
 import gc
 import importlib.util
-import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import HERE, Procs
+from conftest import HERE
 from nodrop.adapters.drain import drain, stop_accepting
-from supervisor_harness import Supervised, free_port, http_get, start
+from supervisor_harness import Start, Supervised, free_port, http_get
 
 SERVERS = HERE / "children" / "servers"
 PY = sys.executable
@@ -175,22 +174,15 @@ def test_drain_reports_a_connection_that_outlives_the_timeout() -> None:
 
 
 @pytest.fixture
-def supervised(procs: Procs, tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
-    started: list[Supervised] = []
+def supervised(supervise: Start) -> Callable[..., Supervised]:
+    """``supervise`` with the test servers' directory on PYTHONPATH."""
 
     def _start(*args: str, **kwargs: Any) -> Supervised:
         env = {"PYTHONPATH": ":".join([str(SERVERS), *sys.path])}
         env.update(kwargs.pop("env", {}))
-        sup = start(procs, tmp_path, *args, env=env, **kwargs)
-        started.append(sup)
-        return sup
+        return supervise(*args, env=env, **kwargs)
 
-    yield _start
-    for sup in started:
-        if sup.proc.poll() is None:
-            sup.proc.send_signal(signal.SIGTERM)
-            sup.proc.wait(timeout=30)
-        sup.notify.close()
+    return _start
 
 
 def write_config(path: Path, port: int, command: list[str], version: str, **env: str) -> None:

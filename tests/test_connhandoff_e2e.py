@@ -3,44 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
-import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import Procs
 from nodrop.load import LoadConfig, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
-from supervisor_harness import Supervised, start
+from supervisor_harness import Start
 
 DEMO = [sys.executable, "-m", "nodrop.demo.app"]
-Start = Callable[..., Supervised]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def supervise(procs: Procs, tmp_path: Path) -> Iterator[Start]:
-    started: list[Supervised] = []
-
-    def _start(*args: str, **kwargs: Any) -> Supervised:
-        sup = start(procs, tmp_path, *args, **kwargs)
-        started.append(sup)
-        return sup
-
-    yield _start
-    for sup in started:
-        if sup.proc.poll() is None:
-            sup.proc.send_signal(signal.SIGTERM)
-            try:
-                sup.proc.wait(timeout=30)
-            except Exception:
-                sup.proc.kill()
-        sup.notify.close()
 
 
 def ask(conn: socket.socket) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +13,7 @@ import pytest
 from conftest import Procs, wait_for
 from nodrop.load import LoadConfig, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
-from supervisor_harness import SERVER, Supervised, free_port, http_get, start
-
-Start = Callable[..., Supervised]
-
-
-@pytest.fixture
-def supervise(procs: Procs, tmp_path: Path) -> Iterator[Start]:
-    started: list[Supervised] = []
-
-    def _start(*args: str, **kwargs: Any) -> Supervised:
-        sup = start(procs, tmp_path, *args, **kwargs)
-        started.append(sup)
-        return sup
-
-    yield _start
-    for sup in started:
-        if sup.proc.poll() is None:
-            sup.proc.send_signal(signal.SIGTERM)
-            try:
-                sup.proc.wait(timeout=30)
-            except Exception:
-                sup.proc.kill()
-        sup.notify.close()
+from supervisor_harness import SERVER, Start, free_port, http_get
 
 
 def test_twenty_reloads_under_load_drop_nothing(supervise: Start) -> None:
