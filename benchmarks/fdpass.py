@@ -26,9 +26,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from nodrop.fdpass import MAX_FDS_PER_MESSAGE, ensure_fd_room
-from nodrop.handoff import Channel
-from nodrop.registry import HeldSocket
+from nodrop.fdwire import Channel
+from nodrop.kernel.fdpass import MAX_FDS_PER_MESSAGE, ensure_fd_room
+from nodrop.listeners.reconcile import HeldSocket
 
 
 def raw_send(sock: socket.socket, fds: list[int]) -> None:

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 
-from nodrop.notifyrecv import NotifyReceiver
+from nodrop.systemd.receiver import NotifyReceiver
 
 SERVER = r"""
 import os, sys

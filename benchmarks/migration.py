@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from nodrop import netns
-from nodrop.bpf import probe_ebpf
+from nodrop.kernel.bpf import probe_ebpf
+from nodrop.testing import netns
 
 SCENARIO = Path(__file__).resolve().parent.parent / "tests" / "test_migration_kernel.py"
 CASES = {

@@ -39,7 +39,7 @@ from baselines.table import render_markdown
 
 from nodrop.errors import NetnsError
 from nodrop.load import Mode
-from nodrop.netns import can_unshare_net, run_in_netns
+from nodrop.testing.netns import can_unshare_net, run_in_netns
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CELLS = ("close", "close-wrk", "keepalive", "keepalive-wrk", "idle")

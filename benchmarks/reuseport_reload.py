@@ -8,7 +8,7 @@ generator (``nodrop.load``, p99 split into steady and reload windows) and once
 with ``wrk -H 'Connection: close'`` as an independent client (p99 overall).
 Prints a markdown table.
 
-Every namespace is made and destroyed by :func:`nodrop.netns.run_in_netns`:
+Every namespace is made and destroyed by :func:`nodrop.testing.netns.run_in_netns`:
 the sysctl the ``sysctl`` row sets never touches the host.
 
     .venv/bin/python benchmarks/reuseport_reload.py [--reloads 20]
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nodrop.netns import can_unshare_net, run_in_netns
+from nodrop.testing.netns import can_unshare_net, run_in_netns
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "tests" / "children" / "reuseport_scenarios.py"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import CHILDREN, Procs
-from nodrop.notifyrecv import Notification, NotifyReceiver
 from nodrop.supervisor.control import request
+from nodrop.systemd.receiver import Notification, NotifyReceiver
 
 SERVER = [sys.executable, str(CHILDREN / "server.py")]
 

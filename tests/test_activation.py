@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from conftest import CHILDREN, Procs, waitpid_status
-from nodrop.activation import activation_env, listen_fds, parse_listen_env
-from nodrop.bind import bind, resolve
 from nodrop.errors import ActivationError
-from nodrop.spawn import shim_argv, spawn
-from nodrop.spec import parse_spec
+from nodrop.listeners.bind import bind, resolve
+from nodrop.listeners.spec import parse_spec
+from nodrop.systemd.activation import activation_env, listen_fds, parse_listen_env
+from nodrop.systemd.spawn import shim_argv, spawn
 
 PID = 4242
 

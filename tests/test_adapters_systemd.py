@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from conftest import HERE, Procs, waitpid_status
-from nodrop.notifyrecv import NotifyReceiver
-from nodrop.spawn import spawn
 from nodrop.supervisor.control import request
+from nodrop.systemd.receiver import NotifyReceiver
+from nodrop.systemd.spawn import spawn
 from supervisor_harness import Supervised, free_port, http_get
 
 UNITS = HERE.parent / "examples" / "systemd"

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from nodrop.bind import BindTarget, bind, bind_all, resolve, resolve_all
 from nodrop.errors import BindError
-from nodrop.identity import SocketIdentity, canonical_address, format_address, identify
-from nodrop.registry import HeldSocket, Registry, plan
-from nodrop.spec import parse_spec
+from nodrop.listeners.bind import BindTarget, bind, bind_all, resolve, resolve_all
+from nodrop.listeners.identity import SocketIdentity, canonical_address, format_address, identify
+from nodrop.listeners.reconcile import HeldSocket, Registry, plan
+from nodrop.listeners.spec import parse_spec
 
 
 def targets(*specs: str) -> list[BindTarget]:

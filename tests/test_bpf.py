@@ -1,4 +1,4 @@
-"""nodrop.bpf: the assembler (pure, table-driven) and the steering program and
+"""nodrop.kernel.bpf: the assembler (pure, table-driven) and the steering program and
 sockarray against the real kernel, in private network namespaces."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from nodrop import netns
-from nodrop.bpf import (
+from nodrop.errors import BpfError, NodropError
+from nodrop.kernel.bpf import (
     BPF_SK_REUSEPORT_SELECT_OR_MIGRATE,
     R0,
     R1,
@@ -39,7 +39,7 @@ from nodrop.bpf import (
     steering_program,
     stx_mem,
 )
-from nodrop.errors import BpfError, NodropError
+from nodrop.testing import netns
 
 HERE = str(Path(__file__).resolve())
 

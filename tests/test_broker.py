@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from conftest import CHILDREN, Procs
+from nodrop.connhandoff.broker import ConnectionBroker
 from nodrop.connhandoff.client import Giver, GiveResult
-from nodrop.supervisor.broker import ConnectionBroker
 from nodrop.supervisor.model import GenState, WorkerState
 
 

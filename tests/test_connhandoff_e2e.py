@@ -115,7 +115,7 @@ def _ws_client(port: int) -> socket.socket:
 
 
 def _ws_echo(conn: socket.socket, text: str) -> str:
-    from nodrop.websocket import OP_TEXT, encode_frame
+    from nodrop.connhandoff.websocket import OP_TEXT, encode_frame
 
     conn.sendall(encode_frame(OP_TEXT, text.encode(), mask=b"\x01\x02\x03\x04"))
     b0, b1 = _recv_exact(conn, 2)

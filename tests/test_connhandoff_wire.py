@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from nodrop.connhandoff.websocket import OP_TEXT, accept_key, encode_frame, read_frame
 from nodrop.connhandoff.wire import (
     MAX_STATE,
     Verdict,
@@ -15,7 +16,6 @@ from nodrop.connhandoff.wire import (
     split_evenly,
 )
 from nodrop.errors import ProtocolError
-from nodrop.websocket import OP_TEXT, accept_key, encode_frame, read_frame
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""nodrop.doctor: pure parsing and judgement table-driven; probing for real."""
+"""nodrop.kernel.migration: pure parsing and judgement table-driven; probing for real."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nodrop import netns
-from nodrop.doctor import (
+from nodrop.kernel.migration import (
     CAP_BPF,
     CAP_NET_ADMIN,
     CAP_SYS_ADMIN,
@@ -21,6 +20,7 @@ from nodrop.doctor import (
     parse_kernel_release,
     probe,
 )
+from nodrop.testing import netns
 
 ALL_CAPS = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_SYS_ADMIN)
 GOOD = Facts(

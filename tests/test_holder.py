@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from conftest import CHILDREN, Procs, wait_for
 from nodrop.errors import HolderError, ProtocolError
-from nodrop.fdpass import send_with_fds
-from nodrop.handoff import connect, decode, encode
+from nodrop.fdwire import connect, decode, encode
 from nodrop.holder import client, ops
-from nodrop.notify import notify
-from nodrop.notifyrecv import NotifyReceiver
+from nodrop.kernel.fdpass import send_with_fds
+from nodrop.systemd.notify import notify
+from nodrop.systemd.receiver import NotifyReceiver
 
 READY_TIMEOUT = 15.0
 
@@ -348,9 +348,9 @@ def test_peer_dying_mid_deposit(holder: RunningHolder, procs: Procs) -> None:
     keep.close()
     code = f"""
 import os, socket
-from nodrop.handoff import connect, encode
-from nodrop.fdpass import send_with_fds
-from nodrop.identity import identify
+from nodrop.fdwire import connect, encode
+from nodrop.kernel.fdpass import send_with_fds
+from nodrop.listeners.identity import identify
 socks = [socket.socket() for _ in range(3)]
 for s in socks:
     s.bind(("127.0.0.1", 0)); s.listen(1)

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import pytest
 
-from nodrop import netns
-from nodrop.bpf import ReuseportSteering, probe_ebpf
 from nodrop.errors import NetnsError
+from nodrop.kernel.bpf import ReuseportSteering, probe_ebpf
+from nodrop.testing import netns
 
 CASES = ("accept_queue", "half_open_ack", "half_open_timer")
 MODES = ("off", "sysctl", "ebpf", "ebpf_select")
@@ -287,7 +287,7 @@ def test_unknown_case_is_refused() -> None:
         run_case("nope", "off")
 
 
-# --- nodrop.netns itself -------------------------------------------------------
+# --- nodrop.testing.netns itself -------------------------------------------------------
 
 
 def _if_flags(name: str) -> int:

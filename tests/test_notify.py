@@ -13,10 +13,10 @@ import pytest
 
 from conftest import Procs
 from nodrop.errors import NotifyError, ProtocolError
-from nodrop.fdpass import send_with_fds
-from nodrop.notify import notify, notify_address, ready, reloading, status, stopping
-from nodrop.notifymsg import MAX_MESSAGE, format_message, parse_message
-from nodrop.notifyrecv import Notification, NotifyReceiver
+from nodrop.kernel.fdpass import send_with_fds
+from nodrop.systemd.message import MAX_MESSAGE, format_message, parse_message
+from nodrop.systemd.notify import notify, notify_address, ready, reloading, status, stopping
+from nodrop.systemd.receiver import Notification, NotifyReceiver
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CHILDREN, Procs, wait_for
-from nodrop.notifyrecv import NotifyReceiver
+from nodrop.systemd.receiver import NotifyReceiver
 from supervisor_harness import Supervised, free_port, http_get
 
 WORKER = [sys.executable, str(CHILDREN / "servers" / "pid1_worker.py")]

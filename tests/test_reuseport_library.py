@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from conftest import CHILDREN
-from nodrop import netns
-from nodrop.bind import resolve
-from nodrop.bpf import probe_ebpf
 from nodrop.errors import BindError
+from nodrop.kernel.bpf import probe_ebpf
+from nodrop.listeners.bind import resolve
+from nodrop.listeners.spec import parse_spec
 from nodrop.reuseport import bpffs_mount_points, listen, pin_dir_for
-from nodrop.spec import parse_spec
+from nodrop.testing import netns
 
 MOUNTS = """\
 proc /proc proc rw,nosuid 0 0

@@ -1,7 +1,7 @@
 """``nodrop run --strategy reuseport`` end to end, in private network namespaces.
 
 The scenarios (tests/children/reuseport_scenarios.py) run inside a namespace
-made by :func:`nodrop.netns.run_in_netns`: the supervisor, its workers and the
+made by :func:`nodrop.testing.netns.run_in_netns`: the supervisor, its workers and the
 load generator all live there, so a sysctl set with ``--allow-sysctl`` never
 touches the host. The pure parts (port pinning, the forced method) are
 table-tested here directly.
@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 from conftest import CHILDREN
-from nodrop import netns
-from nodrop.bind import resolve
-from nodrop.bpf import probe_ebpf
 from nodrop.errors import ConfigError
-from nodrop.identity import SocketIdentity
-from nodrop.registry import HeldSocket
-from nodrop.spec import parse_spec
-from nodrop.supervisor.reuseport import NO_MIGRATION_WARNING, pin_wildcard_ports
-from nodrop.supervisor.steering_probe import forced_method
+from nodrop.kernel.bpf import probe_ebpf
+from nodrop.kernel.steering_choice import forced_method
+from nodrop.listeners.bind import resolve
+from nodrop.listeners.identity import SocketIdentity
+from nodrop.listeners.reconcile import HeldSocket
+from nodrop.listeners.spec import parse_spec
+from nodrop.supervisor.reuseport_listeners import NO_MIGRATION_WARNING, pin_wildcard_ports
+from nodrop.testing import netns
 
 SCENARIOS = str(CHILDREN / "reuseport_scenarios.py")
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nodrop.errors import SpecError
-from nodrop.spec import (
+from nodrop.listeners.spec import (
     DEFAULT_BACKLOG,
     ListenerOptions,
     ListenerSpec,

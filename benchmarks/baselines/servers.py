@@ -30,8 +30,8 @@ from baselines import procs
 from nodrop.errors import NodropError
 from nodrop.load.control_reloader import ControlReloader
 from nodrop.load.reload import ReloadRecord
-from nodrop.notifyrecv import NotifyReceiver
 from nodrop.supervisor.control import request
+from nodrop.systemd.receiver import NotifyReceiver
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"

@@ -14,7 +14,6 @@ from nodrop._platform import require_linux
 require_linux()
 
 from nodrop._version import __version__  # noqa: E402
-from nodrop.activation import InheritedSocket, listen_fds  # noqa: E402
 from nodrop.errors import (  # noqa: E402
     ActivationError,
     BindError,
@@ -28,9 +27,10 @@ from nodrop.errors import (  # noqa: E402
     TruncatedError,
     UnsupportedPlatformError,
 )
-from nodrop.identity import SocketIdentity, identify  # noqa: E402
-from nodrop.notify import notify, ready, reloading, status, stopping  # noqa: E402
-from nodrop.spec import ListenerOptions, ListenerSpec, parse_spec  # noqa: E402
+from nodrop.listeners.identity import SocketIdentity, identify  # noqa: E402
+from nodrop.listeners.spec import ListenerOptions, ListenerSpec, parse_spec  # noqa: E402
+from nodrop.systemd.activation import InheritedSocket, listen_fds  # noqa: E402
+from nodrop.systemd.notify import notify, ready, reloading, status, stopping  # noqa: E402
 
 __all__ = [
     "ActivationError",

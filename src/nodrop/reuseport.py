@@ -7,7 +7,7 @@ Two things decide whether that drops connections:
 
 * while both are open, new connections are hashed across both, and the old
   one's accept queue is reset when it closes -- unless
-* an eBPF steering program (:class:`nodrop.bpf.ReuseportSteering`) is
+* an eBPF steering program (:class:`nodrop.kernel.bpf.ReuseportSteering`) is
   attached to the group: then every new connection goes to the listener in
   its map's slot, and a closing listener's queue migrates there.
 
@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from nodrop.bind import BindTarget, bind, resolve
-from nodrop.bpf import ATTR_SIZE, ReuseportSteering, bpf_call, socket_cookie
 from nodrop.errors import BindError, BpfError
-from nodrop.identity import format_address
-from nodrop.spec import ListenerSpec, parse_spec
+from nodrop.kernel.bpf import ATTR_SIZE, ReuseportSteering, bpf_call, socket_cookie
+from nodrop.listeners.bind import BindTarget, bind, resolve
+from nodrop.listeners.identity import format_address
+from nodrop.listeners.spec import ListenerSpec, parse_spec
 
 __all__ = [
     "BPF_OBJ_GET",
@@ -124,7 +124,7 @@ def _obj(cmd: int, path: Path, fd: int, what: str) -> int:
 
 
 class SharedSteering(ReuseportSteering):
-    """A :class:`~nodrop.bpf.ReuseportSteering` that other processes can reach:
+    """A :class:`~nodrop.kernel.bpf.ReuseportSteering` that other processes can reach:
     pinned on a bpf filesystem, or rebuilt from passed fds."""
 
     @classmethod
@@ -267,7 +267,7 @@ def listen(
 
     Args:
         spec: ``tcp://HOST:PORT``, ``udp://HOST:PORT`` (options as in
-            :mod:`nodrop.spec`); a name may resolve to several addresses,
+            :mod:`nodrop.listeners.spec`); a name may resolve to several addresses,
             hence the list.
         steering: a directory on a bpf filesystem; each address's steering
             is pinned in a subdirectory (:func:`pin_dir_for`). ``None``: no

@@ -39,14 +39,14 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
-from nodrop.activation import listen_fds
-from nodrop.bind import BindTarget, resolve_all
 from nodrop.errors import HolderError, NodropError, ProtocolError, UpgradeError
-from nodrop.handoff import Channel, channel_pair
+from nodrop.fdwire import Channel, channel_pair
 from nodrop.holder import client as holder_client
-from nodrop.notify import notify
-from nodrop.registry import HeldSocket, Registry
-from nodrop.spec import format_spec, parse_spec
+from nodrop.listeners.bind import BindTarget, resolve_all
+from nodrop.listeners.reconcile import HeldSocket, Registry
+from nodrop.listeners.spec import format_spec, parse_spec
+from nodrop.systemd.activation import listen_fds
+from nodrop.systemd.notify import notify
 
 ENV_FD = "NODROP_UPGRADE_FD"
 """The variable naming the inherited channel fd of a new generation."""

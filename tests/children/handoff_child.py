@@ -12,7 +12,7 @@ import resource
 import sys
 
 from nodrop.errors import NodropError
-from nodrop.handoff import connect
+from nodrop.fdwire import connect
 
 path = sys.argv[1]
 if len(sys.argv) > 3:

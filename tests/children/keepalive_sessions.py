@@ -18,7 +18,7 @@ import socket
 
 import nodrop
 from nodrop.connhandoff import AsyncHandoff, Detached, read_or_detach
-from nodrop.websocket import (
+from nodrop.connhandoff.websocket import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from nodrop.errors import BpfError
-from nodrop.netns import in_private_netns
 from nodrop.reuseport import SharedSteering, is_on_bpffs, listen
+from nodrop.testing.netns import in_private_netns
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000

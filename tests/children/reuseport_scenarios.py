@@ -1,5 +1,5 @@
 """Scenarios for the reuseport strategy, run *inside* a private network
-namespace by :func:`nodrop.netns.run_in_netns` (from the tests and from
+namespace by :func:`nodrop.testing.netns.run_in_netns` (from the tests and from
 ``benchmarks/reuseport_reload.py``).
 
 Each function starts ``python -m nodrop run --strategy reuseport`` (which,
@@ -28,9 +28,9 @@ from typing import Any
 
 from nodrop.load import LoadConfig, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
-from nodrop.netns import in_private_netns
-from nodrop.notifyrecv import NotifyReceiver
 from nodrop.supervisor.control import request
+from nodrop.systemd.receiver import NotifyReceiver
+from nodrop.testing.netns import in_private_netns
 
 HERE = Path(__file__).parent
 SERVER = [sys.executable, str(HERE / "reuseport_server.py")]

@@ -30,7 +30,7 @@ import os
 from typing import Any
 
 from nodrop.errors import NotifyError
-from nodrop.notify import notify as _notify
+from nodrop.systemd.notify import notify as _notify
 
 _held: dict[str, str] = {}
 

@@ -31,10 +31,10 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config
 from hypercorn.utils import load_application
 
-from nodrop.activation import listen_fds
 from nodrop.adapters.drain import DEFAULT_SETTLE, stop_accepting
 from nodrop.errors import ActivationError
-from nodrop.notify import ready
+from nodrop.systemd.activation import listen_fds
+from nodrop.systemd.notify import ready
 
 
 def load_config(path: str | None) -> Config:

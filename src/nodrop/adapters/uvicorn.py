@@ -28,10 +28,10 @@ from typing import Any
 import uvicorn
 from uvicorn.main import main as uvicorn_command
 
-from nodrop.activation import listen_fds
 from nodrop.adapters.drain import DEFAULT_SETTLE, stop_accepting
 from nodrop.errors import ActivationError
-from nodrop.notify import ready
+from nodrop.systemd.activation import listen_fds
+from nodrop.systemd.notify import ready
 
 OWNED_BY_NODROP = ("host", "port", "uds", "fd", "workers", "reload")
 

@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nodrop.doctor import format_report, probe
+    from nodrop.kernel.migration import format_report, probe
 
     report = probe(allow_sysctl=args.allow_sysctl)
     if args.json:

@@ -14,8 +14,8 @@ import shutil
 import sys
 from typing import Any
 
-from nodrop.activation import SD_LISTEN_FDS_START, activation_env
-from nodrop.spawn import close_strays_on_exec
+from nodrop.systemd.activation import SD_LISTEN_FDS_START, activation_env
+from nodrop.systemd.spawn import close_strays_on_exec
 
 
 def register(subparsers: Any) -> None:
@@ -42,10 +42,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nodrop.bind import resolve_all
     from nodrop.errors import ConfigError
     from nodrop.holder.client import claim, claim_listeners
-    from nodrop.spec import parse_spec
+    from nodrop.listeners.bind import resolve_all
+    from nodrop.listeners.spec import parse_spec
 
     command = list(args.command)
     if command and command[0] == "--":

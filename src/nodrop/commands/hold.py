@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.errors import HolderError
     from nodrop.holder import ops
     from nodrop.holder.daemon import Holder, HolderConfig
-    from nodrop.notify import notify
+    from nodrop.systemd.notify import notify
 
     ttl_max = args.ttl_max if args.ttl_max is not None else ops.DEFAULT_TTL_MAX
     ttl = args.ttl if args.ttl is not None else min(ops.DEFAULT_TTL, ttl_max)

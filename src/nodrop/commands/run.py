@@ -130,7 +130,7 @@ def register(subparsers: Any) -> None:
 
 def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given explicitly on the command line."""
-    from nodrop.spec import parse_spec
+    from nodrop.listeners.spec import parse_spec
     from nodrop.supervisor.config import parse_ready, parse_signal, parse_strategy
 
     command = list(args.command or [])
@@ -153,15 +153,15 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nodrop.activation import listen_fds
-    from nodrop.registry import HeldSocket
-    from nodrop.supervisor.broker import ConnectionBroker
+    from nodrop.connhandoff.broker import ConnectionBroker
+    from nodrop.listeners.reconcile import HeldSocket
     from nodrop.supervisor.config import config_from_dict, load_config
     from nodrop.supervisor.control import default_control_path
     from nodrop.supervisor.process import become_subreaper
     from nodrop.supervisor.reexec import load_state, restore
     from nodrop.supervisor.strategies import make_listeners
     from nodrop.supervisor.supervisor import Supervisor, run_supervisor
+    from nodrop.systemd.activation import listen_fds
 
     values = cli_values(args)
     state = load_state()

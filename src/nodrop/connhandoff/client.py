@@ -30,8 +30,8 @@ from nodrop.connhandoff.wire import (
     register_header,
 )
 from nodrop.errors import ProtocolError
-from nodrop.handoff import DEFAULT_TIMEOUT, Channel, connect, parse_fds_chunk
-from nodrop.identity import SocketIdentity, identify
+from nodrop.fdwire import DEFAULT_TIMEOUT, Channel, connect, parse_fds_chunk
+from nodrop.listeners.identity import SocketIdentity, identify
 
 DEFAULT_ROOM = 10_000
 """Connections a receiver accepts unless told otherwise."""

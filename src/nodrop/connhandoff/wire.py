@@ -1,6 +1,6 @@
 """The connection-handoff messages, limits and batching (pure: no syscalls).
 
-Connections travel over the core handoff protocol (:mod:`nodrop.handoff`):
+Connections travel over the core handoff protocol (:mod:`nodrop.fdwire`):
 a batch of connections is one ``fds`` transfer whose ``meta`` carries one
 opaque application state per connection, base64 in a JSON list::
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodrop.errors import ProtocolError
-from nodrop.fdpass import MAX_FDS_PER_MESSAGE
+from nodrop.kernel.fdpass import MAX_FDS_PER_MESSAGE
 
 ENV = "NODROP_HANDOFF"
 """Where a worker finds the supervisor's connection broker."""

@@ -23,8 +23,8 @@ from typing import TextIO
 from nodrop.errors import NodropError
 from nodrop.load import LoadConfig, LoadResult, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
-from nodrop.notifyrecv import NotifyReceiver
 from nodrop.supervisor.control import request
+from nodrop.systemd.receiver import NotifyReceiver
 
 START_TIMEOUT = 30.0
 

@@ -27,14 +27,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodrop.bind import BindTarget
 from nodrop.errors import HolderError, NodropError, ProtocolError
-from nodrop.handoff import DEFAULT_TIMEOUT, Channel
-from nodrop.handoff import connect as handoff_connect
+from nodrop.fdwire import DEFAULT_TIMEOUT, Channel
+from nodrop.fdwire import connect as handoff_connect
 from nodrop.holder.ops import Key, key_to_wire
-from nodrop.identity import SocketIdentity, identify
-from nodrop.notifyrecv import NotifyReceiver
-from nodrop.registry import HeldSocket, Registry
+from nodrop.listeners.bind import BindTarget
+from nodrop.listeners.identity import SocketIdentity, identify
+from nodrop.listeners.reconcile import HeldSocket, Registry
+from nodrop.systemd.receiver import NotifyReceiver
 
 SPAWN_TIMEOUT = 10.0
 """Seconds an on-demand holder has to report READY=1."""
@@ -381,7 +381,7 @@ def claim_listeners(
 
     Args:
         path: the holder, or None (or nothing listening there) to bind all.
-        targets: from :func:`nodrop.bind.resolve_all`.
+        targets: from :func:`nodrop.listeners.bind.resolve_all`.
 
     Returns:
         One socket per target, in the order of ``targets``, named after it.

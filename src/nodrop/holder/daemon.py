@@ -29,15 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodrop.errors import HolderError, NodropError, PeerDeniedError, ProtocolError
-from nodrop.fdpass import (
-    MAX_FDS_PER_MESSAGE,
-    Credentials,
-    check_peer,
-    ensure_fd_room,
-    recv_with_fds,
-    send_with_fds,
-)
-from nodrop.handoff import (
+from nodrop.fdwire import (
     MAX_MESSAGE,
     decode,
     encode,
@@ -47,8 +39,16 @@ from nodrop.handoff import (
     refuse,
 )
 from nodrop.holder import ops
-from nodrop.identity import SocketIdentity, identify
-from nodrop.notifyrecv import NotifyReceiver
+from nodrop.kernel.fdpass import (
+    MAX_FDS_PER_MESSAGE,
+    Credentials,
+    check_peer,
+    ensure_fd_room,
+    recv_with_fds,
+    send_with_fds,
+)
+from nodrop.listeners.identity import SocketIdentity, identify
+from nodrop.systemd.receiver import NotifyReceiver
 
 DEFAULT_PEER_TIMEOUT = 10.0
 """Seconds a peer may take between two messages of one request."""

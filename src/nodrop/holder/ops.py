@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodrop.errors import ProtocolError
-from nodrop.identity import Address, SocketIdentity
-from nodrop.spec import fdname_is_valid
+from nodrop.listeners.identity import Address, SocketIdentity
+from nodrop.listeners.spec import fdname_is_valid
 
 Key = tuple[int, int, int, Address]
 
@@ -181,7 +181,7 @@ def parse_request(header: Mapping[str, Any], *, ttl_max: float = DEFAULT_TTL_MAX
     """Turn a decoded request into a :data:`Request`.
 
     Args:
-        header: the output of :func:`nodrop.handoff.decode` (envelope checked).
+        header: the output of :func:`nodrop.fdwire.decode` (envelope checked).
         ttl_max: the longest ttl this holder grants.
 
     Raises:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nodrop.errors import ConfigError, SpecError
-from nodrop.spec import ListenerSpec, parse_spec
+from nodrop.listeners.spec import ListenerSpec, parse_spec
 
 DEFAULT_WORKERS = 1
 DEFAULT_READY_TIMEOUT = 30.0

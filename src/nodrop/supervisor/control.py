@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from nodrop.errors import ControlError, PeerDeniedError
-from nodrop.fdpass import check_peer
+from nodrop.kernel.fdpass import check_peer
 
 MAX_REQUEST = 64 * 1024
 COMMANDS = ("reload", "status", "stop", "reexec")

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from nodrop.spawn import spawn
+from nodrop.systemd.spawn import spawn
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nodrop.errors import NodropError
-from nodrop.registry import HeldSocket
+from nodrop.listeners.reconcile import HeldSocket
 from nodrop.supervisor.config import config_from_dict, config_to_dict
-from nodrop.supervisor.listeners import InheritListeners, ListenerProvider
+from nodrop.supervisor.inherit_listeners import InheritListeners, ListenerProvider
 from nodrop.supervisor.model import Generation, GenState, ReloadOutcome, Worker, WorkerState
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def _worker_from(data: dict[str, Any]) -> Worker:
 
 def snapshot(sup: Supervisor) -> tuple[dict[str, Any], list[int]]:
     """Everything the next program needs, and the fds it must inherit."""
-    from nodrop.supervisor.reuseport import ReuseportListeners
+    from nodrop.supervisor.reuseport_listeners import ReuseportListeners
 
     assert sup.notify is not None and sup.control is not None
     fds: list[int] = []
@@ -225,7 +225,7 @@ def restore(
 def restore_listeners(
     state: dict[str, Any], log: Callable[[str], None] = lambda _m: None
 ) -> tuple[ListenerProvider, list[HeldSocket]]:
-    from nodrop.spec import parse_spec
+    from nodrop.listeners.spec import parse_spec
 
     held = [
         HeldSocket.adopt(
@@ -236,7 +236,7 @@ def restore_listeners(
         for item in state["held"]
     ]
     if state.get("listeners_kind", "inherit") == "reuseport":
-        from nodrop.supervisor.reuseport import ReuseportListeners
+        from nodrop.supervisor.reuseport_listeners import ReuseportListeners
 
         for _key, map_fd, prog_fd in state["listeners"]["steering"]:
             os.set_inheritable(map_fd, False)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from nodrop.errors import ConfigError
-from nodrop.registry import HeldSocket
+from nodrop.listeners.reconcile import HeldSocket
 from nodrop.supervisor.config import RunConfig, Strategy
-from nodrop.supervisor.listeners import InheritListeners, ListenerProvider
+from nodrop.supervisor.inherit_listeners import InheritListeners, ListenerProvider
 
 
 def make_listeners(
@@ -16,7 +16,7 @@ def make_listeners(
     if config.strategy is Strategy.INHERIT:
         return InheritListeners(inherited)
     try:
-        from nodrop.supervisor.reuseport import ReuseportListeners
+        from nodrop.supervisor.reuseport_listeners import ReuseportListeners
     except ModuleNotFoundError:
         raise ConfigError("the reuseport strategy is not available in this build") from None
     return ReuseportListeners(config, inherited, log=log)

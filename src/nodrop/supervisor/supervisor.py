@@ -30,8 +30,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TextIO
 
 from nodrop.errors import NodropError
-from nodrop.notify import notify as sd_notify
-from nodrop.notifyrecv import NotifyReceiver
 from nodrop.supervisor import api, reexec
 from nodrop.supervisor.config import (
     DEFAULT_RESTART_BACKOFF,
@@ -41,7 +39,7 @@ from nodrop.supervisor.config import (
     worker_env,
 )
 from nodrop.supervisor.control import ControlServer, bind_control
-from nodrop.supervisor.listeners import ListenerProvider
+from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.model import (
     Generation,
     GenState,
@@ -52,6 +50,8 @@ from nodrop.supervisor.model import (
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
+from nodrop.systemd.notify import notify as sd_notify
+from nodrop.systemd.receiver import NotifyReceiver
 
 
 class Broker(Protocol):

@@ -1,6 +1,6 @@
 """Pick the reuseport strategy's migration method: ebpf, sysctl or none.
 
-The decision is :func:`nodrop.doctor.probe`'s, so ``nodrop doctor`` shows
+The decision is :func:`nodrop.kernel.migration.probe`'s, so ``nodrop doctor`` shows
 exactly what ``nodrop run --strategy reuseport`` will do. The environment
 variable ``NODROP_MIGRATION=ebpf|sysctl|none`` forces a method instead (for
 tests and benchmarks that compare them, or to rule eBPF out on a machine):
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from nodrop.doctor import Strategy, probe
 from nodrop.errors import ConfigError
+from nodrop.kernel.migration import Strategy, probe
 
 MIGRATE_SYSCTL: Final = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 #: Environment variable that forces the migration method.

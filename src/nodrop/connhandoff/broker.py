@@ -3,7 +3,7 @@
 A companion of the supervisor, on its event loop (see ``Broker`` in
 :mod:`nodrop.supervisor.supervisor`). It listens on a ``SOCK_SEQPACKET``
 socket in a private directory (0700, socket 0600) and speaks the handoff
-protocol (:mod:`nodrop.handoff`). Every peer is checked with ``SO_PEERCRED``
+protocol (:mod:`nodrop.fdwire`). Every peer is checked with ``SO_PEERCRED``
 and must be a worker of this supervisor.
 
 * A worker that wants connections *registers* (``{"op":"register","room":N}``)
@@ -57,8 +57,8 @@ from nodrop.connhandoff.wire import (
     split_evenly,
 )
 from nodrop.errors import NodropError, ProtocolError
-from nodrop.fdpass import MAX_FDS_PER_MESSAGE, check_peer
-from nodrop.handoff import Assembly, Channel, ReceivedSocket, Transfer, listen
+from nodrop.fdwire import Assembly, Channel, ReceivedSocket, Transfer, listen
+from nodrop.kernel.fdpass import MAX_FDS_PER_MESSAGE, check_peer
 from nodrop.supervisor.model import Generation, GenState, Worker, WorkerState
 
 DEFAULT_ACK_TIMEOUT = 10.0

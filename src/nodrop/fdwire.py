@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nodrop.errors import ProtocolError
-from nodrop.fdpass import (
+from nodrop.kernel.fdpass import (
     MAX_FDS_PER_MESSAGE,
     Credentials,
     check_peer,
@@ -37,7 +37,7 @@ from nodrop.fdpass import (
     recv_with_fds,
     send_with_fds,
 )
-from nodrop.identity import SocketIdentity
+from nodrop.listeners.identity import SocketIdentity
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024

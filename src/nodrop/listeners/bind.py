@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodrop.errors import BindError
-from nodrop.identity import Address, canonical_address
-from nodrop.spec import ListenerOptions, ListenerSpec, Transport
+from nodrop.listeners.identity import Address, canonical_address
+from nodrop.listeners.spec import ListenerOptions, ListenerSpec, Transport
 
 GetAddrInfo = Callable[..., list[tuple[Any, ...]]]
 

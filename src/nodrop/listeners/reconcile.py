@@ -13,9 +13,9 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from nodrop.bind import BindTarget, apply_live_options, bind_all
-from nodrop.identity import Address, SocketIdentity, identify
-from nodrop.spec import ListenerSpec
+from nodrop.listeners.bind import BindTarget, apply_live_options, bind_all
+from nodrop.listeners.identity import Address, SocketIdentity, identify
+from nodrop.listeners.spec import ListenerSpec
 
 Key = tuple[int, int, int, Address]
 

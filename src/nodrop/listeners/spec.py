@@ -1,7 +1,7 @@
 """Listener specs: the strings users write to say what to listen on.
 
 Pure parsing, no I/O. Host names are kept as written and resolved only when
-the listener is bound (see :mod:`nodrop.bind`).
+the listener is bound (see :mod:`nodrop.listeners.bind`).
 
 Grammar::
 

@@ -7,7 +7,7 @@ while that generation is starting or active (to restart crashed workers); when
 the generation drains it drops them, so the sockets close with the old
 workers. What happens to the connections queued on them then depends on the
 migration method, chosen once at start-up (``nodrop doctor`` shows it;
-``NODROP_MIGRATION`` forces it, see :mod:`nodrop.supervisor.steering_probe`):
+``NODROP_MIGRATION`` forces it, see :mod:`nodrop.kernel.steering_choice`):
 
 * ``ebpf``: a BPF_PROG_TYPE_SK_REUSEPORT program (SELECT_OR_MIGRATE) per
   address steers every new connection to the active generation's listener,
@@ -41,14 +41,14 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from nodrop.bind import BindTarget, bind_all, resolve_all
-from nodrop.bpf import ReuseportSteering, socket_cookie
 from nodrop.errors import BpfError, ConfigError, NodropError
-from nodrop.identity import Address
-from nodrop.registry import HeldSocket
+from nodrop.kernel.bpf import ReuseportSteering, socket_cookie
+from nodrop.kernel.steering_choice import FORCE_ENV, MIGRATE_SYSCTL, choose_method
+from nodrop.listeners.bind import BindTarget, bind_all, resolve_all
+from nodrop.listeners.identity import Address
+from nodrop.listeners.reconcile import HeldSocket
 from nodrop.supervisor.config import RunConfig
-from nodrop.supervisor.listeners import InheritListeners, describe
-from nodrop.supervisor.steering_probe import FORCE_ENV, MIGRATE_SYSCTL, choose_method
+from nodrop.supervisor.inherit_listeners import InheritListeners, describe
 
 NO_MIGRATION_WARNING = (
     "no socket migration (eBPF unavailable and net.ipv4.tcp_migrate_req=0): "

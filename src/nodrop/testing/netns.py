@@ -184,7 +184,7 @@ def run_in_netns(target: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> A
             (the child's stderr is in the message), or the timeout passed.
     """
     rfd, wfd = os.pipe()  # both O_CLOEXEC; pass_fds clears it on wfd in the child
-    cmd = [sys.executable, "-m", "nodrop.netns", str(wfd), target, *args]
+    cmd = [sys.executable, "-m", "nodrop.testing.netns", str(wfd), target, *args]
     try:
         env = {**os.environ, OUTER_NETNS_ENV: str(_netns_inode("self"))}
         # A session of its own: on timeout the whole group goes, including
@@ -231,7 +231,7 @@ def can_unshare_net() -> tuple[bool, str]:
     if not sys.platform.startswith("linux"):
         return False, f"network namespaces need Linux, this is {sys.platform}"
     try:
-        run_in_netns("nodrop.netns:_probe_child", timeout=30)
+        run_in_netns("nodrop.testing.netns:_probe_child", timeout=30)
     except NetnsError as exc:
         last = str(exc).strip().splitlines()[-1]
         if "EPERM" in str(exc) or "not permitted" in str(exc):
@@ -245,10 +245,10 @@ def _probe_child() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Child side: ``python -m nodrop.netns RESULT_FD TARGET [ARG...]``."""
+    """Child side: ``python -m nodrop.testing.netns RESULT_FD TARGET [ARG...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2:
-        print("usage: python -m nodrop.netns RESULT_FD TARGET [ARG...]", file=sys.stderr)
+        print("usage: python -m nodrop.testing.netns RESULT_FD TARGET [ARG...]", file=sys.stderr)
         return 2
     result_fd, target, args = int(argv[0]), argv[1], argv[2:]
     try:

@@ -7,7 +7,7 @@ them to another listener of the same SO_REUSEPORT group (Linux 5.14+). It does
 so if either
 
 * an eBPF program of attach type ``SK_REUSEPORT_SELECT_OR_MIGRATE`` is attached
-  to the group (nodrop's :class:`~nodrop.bpf.ReuseportSteering`), or
+  to the group (nodrop's :class:`~nodrop.kernel.bpf.ReuseportSteering`), or
 * ``net.ipv4.tcp_migrate_req`` is 1 in the listener's network namespace.
 
 :func:`probe` gathers the facts (the only I/O here); :func:`assess` turns them
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from nodrop.bpf import probe_ebpf
+from nodrop.kernel.bpf import probe_ebpf
 
 __all__ = [
     "BTF_PATH",

@@ -17,8 +17,7 @@ import pytest
 
 from conftest import CHILDREN, Procs
 from nodrop.errors import PeerDeniedError, ProtocolError, TruncatedError
-from nodrop.fdpass import ensure_fd_room, send_with_fds
-from nodrop.handoff import (
+from nodrop.fdwire import (
     MAX_MESSAGE,
     Channel,
     accept,
@@ -28,8 +27,9 @@ from nodrop.handoff import (
     listen,
     parse_fds_chunk,
 )
-from nodrop.identity import SocketIdentity
-from nodrop.registry import HeldSocket
+from nodrop.kernel.fdpass import ensure_fd_room, send_with_fds
+from nodrop.listeners.identity import SocketIdentity
+from nodrop.listeners.reconcile import HeldSocket
 
 
 def listeners(n: int) -> list[HeldSocket]:

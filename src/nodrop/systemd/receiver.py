@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 from nodrop.errors import ProtocolError, TruncatedError
-from nodrop.fdpass import Credentials, Message, recv_with_fds
-from nodrop.notifymsg import MAX_MESSAGE, parse_message
+from nodrop.kernel.fdpass import Credentials, Message, recv_with_fds
+from nodrop.systemd.message import MAX_MESSAGE, parse_message
 
 
 @dataclass

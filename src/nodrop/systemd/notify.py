@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 
 from nodrop.errors import NotifyError
-from nodrop.fdpass import send_with_fds
-from nodrop.notifymsg import format_message
+from nodrop.kernel.fdpass import send_with_fds
+from nodrop.systemd.message import format_message
 
 
 def notify_address(value: str) -> str:

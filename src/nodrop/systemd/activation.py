@@ -10,7 +10,7 @@ Follows the reference behaviour of systemd's ``sd_listen_fds_with_names``:
 * when asked, the three variables are unset on every path, errors included.
 
 The passing side (putting fds at 3.. and setting ``LISTEN_PID`` to the child's
-own pid) is in :mod:`nodrop.spawn`.
+own pid) is in :mod:`nodrop.systemd.spawn`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 from nodrop.errors import ActivationError
-from nodrop.spec import fdname_is_valid
+from nodrop.listeners.spec import fdname_is_valid
 
 SD_LISTEN_FDS_START = 3
 """The first inherited fd, as in sd-daemon.h."""
@@ -148,7 +148,7 @@ def activation_env(names: Sequence[str]) -> dict[str, str]:
     """``LISTEN_FDS`` and ``LISTEN_FDNAMES`` for passing ``len(names)`` fds.
 
     ``LISTEN_PID`` is not here: only the child knows its pid after exec
-    (see :mod:`nodrop.spawn`).
+    (see :mod:`nodrop.systemd.spawn`).
 
     Raises:
         ActivationError: a name systemd would not accept.

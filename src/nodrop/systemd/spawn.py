@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-from nodrop.activation import SD_LISTEN_FDS_START, activation_env
+from nodrop.systemd.activation import SD_LISTEN_FDS_START, activation_env
 
 SH = "/bin/sh"
 

@@ -14,11 +14,11 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from nodrop.bind import resolve_all
-from nodrop.identity import format_address
-from nodrop.registry import HeldSocket, Registry
+from nodrop.listeners.bind import resolve_all
+from nodrop.listeners.identity import format_address
+from nodrop.listeners.queue import accept_queue
+from nodrop.listeners.reconcile import HeldSocket, Registry
 from nodrop.supervisor.config import RunConfig
-from nodrop.supervisor.queue import accept_queue
 
 
 class ListenerProvider(Protocol):

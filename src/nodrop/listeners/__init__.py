@@ -1,0 +1,2 @@
+"""The listener model: specs, kernel identity, binding, reconciliation and
+accept-queue depth."""
