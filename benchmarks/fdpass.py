@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from nodrop.fdwire import Channel
 from nodrop.kernel.fdpass import MAX_FDS_PER_MESSAGE, ensure_fd_room
-from nodrop.listeners.reconcile import HeldSocket
+from nodrop.listeners.held import HeldSocket
 
 
 def raw_send(sock: socket.socket, fds: list[int]) -> None:

@@ -14,8 +14,9 @@ import pytest
 
 from nodrop.errors import BindError
 from nodrop.listeners.bind import BindTarget, bind, bind_all, resolve, resolve_all
+from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import SocketIdentity, canonical_address, format_address, identify
-from nodrop.listeners.reconcile import HeldSocket, Registry, plan
+from nodrop.listeners.reconcile import Registry, pin_wildcard_ports, plan
 from nodrop.listeners.spec import parse_spec
 
 
@@ -274,3 +275,35 @@ def test_registry_bind_failure_changes_nothing(registry: Registry) -> None:
             registry.apply(targets(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{busy_port}"))
     assert registry.sockets == [held]
     assert held.sock.fileno() >= 0
+
+
+PORT_ZERO_CASES = [
+    # (held socket: spec it was bound from or None if inherited, its name, its port), target, pinned port
+    (("tcp://127.0.0.1:0?name=web", "web", 4100), "tcp://127.0.0.1:0?name=web", 4100),
+    # inherited (LISTEN_FDS): no spec, the name decides
+    ((None, "web", 4100), "tcp://127.0.0.1:0?name=web", 4100),
+    ((None, "api", 4100), "tcp://127.0.0.1:0?name=web", 0),
+    # bound for an explicit port: it does not serve "any port"
+    (("tcp://127.0.0.1:4100?name=web", "web", 4100), "tcp://127.0.0.1:0?name=web", 0),
+    # another transport
+    (("tcp://127.0.0.1:0?name=web", "web", 4100), "udp://127.0.0.1:0?name=web", 0),
+]
+
+
+@pytest.mark.parametrize(("held", "wanted", "port"), PORT_ZERO_CASES)
+def test_the_one_port_zero_rule(held: tuple[str | None, str, int], wanted: str, port: int) -> None:
+    spec_text, name, held_port = held
+    ident = SocketIdentity(
+        socket.AF_INET,
+        socket.SOCK_STREAM,
+        socket.IPPROTO_TCP,
+        ("inet", "127.0.0.1", held_port),
+        True,
+        False,
+    )
+    item = HeldSocket(None, ident, name, None if spec_text is None else parse_spec(spec_text))  # type: ignore[arg-type]
+    (target,) = targets(wanted)
+    (pinned,) = pin_wildcard_ports([target], [item])
+    assert pinned.sockaddr[1] == port
+    result = plan([item], [target])
+    assert [h for _, h in result.keep] == ([item] if port else [])

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from nodrop.commands.doctor import format_report
 from nodrop.kernel.migration import (
     CAP_BPF,
     CAP_NET_ADMIN,
     CAP_SYS_ADMIN,
     DoctorReport,
     Facts,
-    Strategy,
+    Method,
     assess,
-    format_report,
     parse_cap_eff,
     parse_kernel_release,
     probe,
@@ -62,27 +62,27 @@ def test_parse_cap_eff(status: str, expected: int | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("changes", "allow_sysctl", "strategy", "reason_part"),
+    ("changes", "allow_sysctl", "method", "reason_part"),
     [
-        ({}, False, Strategy.EBPF, "SELECT_OR_MIGRATE"),
-        ({"ebpf_ok": False}, False, Strategy.NONE, "--allow-sysctl"),
-        ({"ebpf_ok": False}, True, Strategy.SYSCTL, "will set net.ipv4.tcp_migrate_req=1"),
-        ({"ebpf_ok": False, "tcp_migrate_req": 1}, False, Strategy.SYSCTL, "already 1"),
-        ({"ebpf_ok": False, "cap_eff": 0}, True, Strategy.NONE, "CAP_NET_ADMIN is missing"),
-        ({"kernel_release": "5.10.0"}, True, Strategy.NONE, "needs Linux 5.14+"),
-        ({"kernel_release": "5.13.19", "tcp_migrate_req": None}, True, Strategy.NONE, "5.14"),
-        ({"kernel_release": "5.14.0"}, False, Strategy.EBPF, "no sysctl is changed"),
+        ({}, False, Method.EBPF, "SELECT_OR_MIGRATE"),
+        ({"ebpf_ok": False}, False, Method.NONE, "--allow-sysctl"),
+        ({"ebpf_ok": False}, True, Method.SYSCTL, "will set net.ipv4.tcp_migrate_req=1"),
+        ({"ebpf_ok": False, "tcp_migrate_req": 1}, False, Method.SYSCTL, "already 1"),
+        ({"ebpf_ok": False, "cap_eff": 0}, True, Method.NONE, "CAP_NET_ADMIN is missing"),
+        ({"kernel_release": "5.10.0"}, True, Method.NONE, "needs Linux 5.14+"),
+        ({"kernel_release": "5.13.19", "tcp_migrate_req": None}, True, Method.NONE, "5.14"),
+        ({"kernel_release": "5.14.0"}, False, Method.EBPF, "no sysctl is changed"),
     ],
 )
-def test_strategy_chain(
-    changes: dict[str, object], allow_sysctl: bool, strategy: Strategy, reason_part: str
+def test_method_chain(
+    changes: dict[str, object], allow_sysctl: bool, method: Method, reason_part: str
 ) -> None:
     facts = dataclasses.replace(GOOD, **changes)  # type: ignore[arg-type]
     report = assess(facts, allow_sysctl=allow_sysctl)
-    assert report.strategy is strategy
-    assert reason_part in report.strategy_reason
-    if strategy is Strategy.NONE:
-        assert "queued connections may be reset" in report.strategy_reason
+    assert report.method is method
+    assert reason_part in report.method_reason
+    if method is Method.NONE:
+        assert "queued connections may be reset" in report.method_reason
 
 
 def test_checks_have_a_reason_each() -> None:
@@ -104,21 +104,21 @@ def test_format_report() -> None:
     assert lines[1].startswith("  [ok] kernel ")
     assert "[--] eBPF steering" in text
     assert "EPERM" in text
-    assert lines[-1].startswith("strategy: none -- the old generation's queued connections")
+    assert lines[-1].startswith("migration: none -- the old generation's queued connections")
     assert text.endswith("\n")
 
 
 def test_report_is_frozen() -> None:
     report = assess(GOOD)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        report.strategy = Strategy.NONE  # type: ignore[misc]
+        report.method = Method.NONE  # type: ignore[misc]
 
 
 def test_probe_this_machine() -> None:
     report = probe()
     assert isinstance(report, DoctorReport)
     assert report.facts.kernel_release
-    assert report.strategy in Strategy
+    assert report.method in Method
     assert format_report(report).count("\n") == len(report.checks) + 2
 
 

@@ -28,8 +28,8 @@ from nodrop.fdwire import (
     parse_fds_chunk,
 )
 from nodrop.kernel.fdpass import ensure_fd_room, send_with_fds
+from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import SocketIdentity
-from nodrop.listeners.reconcile import HeldSocket
 
 
 def listeners(n: int) -> list[HeldSocket]:

@@ -109,7 +109,7 @@ def inode(sock: socket.socket | int) -> int:
     [
         ({"op": "deposit"}, ops.Deposit(None)),
         ({"op": "deposit", "ttl": 5}, ops.Deposit(5.0)),
-        ({"op": "list"}, ops.ListHeld()),
+        ({"op": "list"}, ops.ListParked()),
         ({"op": "claim", "all": True}, ops.Claim(ops.Selector(everything=True))),
         (
             {"op": "release", "names": ["web"]},
@@ -220,10 +220,10 @@ def test_deposit_list_claim_release_round_trip(holder: RunningHolder) -> None:
     inodes = {"web": inode(web), "admin": inode(admin), "extra": inode(extra)}
     result = client.deposit(holder.path, {"web": web, "admin": admin, "extra": extra}, ttl=60)
     assert len(result.ids) == 3 and result.ttl == 60
-    web_key = client.list_held(holder.path)[0].identity.key
+    web_key = client.list_parked(holder.path)[0].identity.key
     for sock in (web, admin, extra):
         sock.close()  # the holder's copies keep them open
-    held = client.list_held(holder.path)
+    held = client.list_parked(holder.path)
     assert {h.name: h.inode for h in held} == inodes
     assert all(0 < h.expires_in <= 60 and h.depositor_pid == os.getpid() for h in held)
 
@@ -238,9 +238,9 @@ def test_deposit_list_claim_release_round_trip(holder: RunningHolder) -> None:
     assert [inode(h.sock) for h in by_identity.sockets] == [inodes["web"]]
     by_identity.close()
 
-    assert [h.name for h in client.list_held(holder.path)] == ["extra"]
+    assert [h.name for h in client.list_parked(holder.path)] == ["extra"]
     assert client.release(holder.path, names=["extra"]) == 1
-    assert client.list_held(holder.path) == []
+    assert client.list_parked(holder.path) == []
     log = holder.log_text()
     assert "deposited 3" in log and "claimed 1" in log and "released 1" in log
 
@@ -251,7 +251,7 @@ def test_same_socket_deposited_twice_is_held_once(holder: RunningHolder) -> None
         first = client.deposit(holder.path, {"web": web}, ttl=5)
         second = client.deposit(holder.path, {"web2": web}, ttl=50)
         assert first.ids == second.ids
-        (held,) = client.list_held(holder.path)
+        (held,) = client.list_parked(holder.path)
         assert held.name == "web2" and held.expires_in > 5
     finally:
         web.close()
@@ -267,7 +267,7 @@ def test_ttl_expiry_closes_every_held_fd(holder: RunningHolder) -> None:
         sock.close()
     assert holder.fd_count() >= baseline + 5
     wait_for(lambda: holder.fd_count() == baseline, what="held fds released")
-    assert client.list_held(holder.path) == []
+    assert client.list_parked(holder.path) == []
     assert "expired, closed 5" in holder.log_text()
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
         pass
@@ -283,8 +283,8 @@ def test_claim_is_kept_until_the_claimant_acknowledges(holder: RunningHolder) ->
         for fd in fds:
             os.close(fd)
         # No ok: we hang up. The holder must still hold the socket.
-    wait_for(lambda: client.list_held(holder.path), what="claim returned")
-    assert [h.inode for h in client.list_held(holder.path)] == [inode(web)]
+    wait_for(lambda: client.list_parked(holder.path), what="claim returned")
+    assert [h.inode for h in client.list_parked(holder.path)] == [inode(web)]
     web.close()
     client.release(holder.path, everything=True)
 
@@ -337,7 +337,7 @@ def test_bad_input_never_loses_a_held_socket(holder: RunningHolder) -> None:
     extra1.close()
     extra2.close()
 
-    held = client.list_held(holder.path)
+    held = client.list_parked(holder.path)
     assert [(h.name, h.inode) for h in held] == [("keep", kept_inode)]
     client.release(holder.path, everything=True)
 
@@ -367,7 +367,7 @@ os._exit(0)
     assert proc.stdout.readline() == b"sent\n"
     assert proc.wait(10) == 0
     wait_for(lambda: "left mid-receiving" in holder.log_text(), what="holder noticed")
-    assert [h.name for h in client.list_held(holder.path)] == ["keep"]
+    assert [h.name for h in client.list_parked(holder.path)] == ["keep"]
     client.release(holder.path, everything=True)
 
 
@@ -379,7 +379,7 @@ def test_too_many_sockets_for_the_holder(holder: RunningHolder) -> None:
     finally:
         for s in socks:
             s.close()
-    assert client.list_held(holder.path) == []
+    assert client.list_parked(holder.path) == []
 
 
 @pytest.fixture
@@ -437,7 +437,7 @@ def test_peer_of_another_uid_is_denied(procs: Procs, shared_dir: Path) -> None:
     assert report["fds"] == 0
     assert report["reply"]["op"] == "error"
     assert "only uids [0]" in report["reply"]["message"]
-    assert [h.inode for h in client.list_held(holder.path)] == [inode(web)]
+    assert [h.inode for h in client.list_parked(holder.path)] == [inode(web)]
     web.close()
     assert "denied" in holder.log_text()
     client.release(holder.path, everything=True)
@@ -461,14 +461,14 @@ def test_fdstore_round_trip_with_nodrop_notify(holder: RunningHolder) -> None:
     assert notify(
         {"FDSTORE": "1", "FDNAME": "web", "FDSTORETTL": "60"}, fds=[web.fileno()], environ=env
     )
-    wait_for(lambda: client.list_held(holder.path), what="fd stored")
-    (held,) = client.list_held(holder.path)
+    wait_for(lambda: client.list_parked(holder.path), what="fd stored")
+    (held,) = client.list_parked(holder.path)
     assert (held.name, held.inode, held.via) == ("web", inode(web), "fdstore")
     assert 55 < held.expires_in <= 60
     notify({"FDSTOREREMOVE": "1", "FDNAME": "web"}, environ=env)
-    wait_for(lambda: not client.list_held(holder.path), what="fd removed")
+    wait_for(lambda: not client.list_parked(holder.path), what="fd removed")
     assert notify({"FDSTORE": "1", "FDNAME": "web"}, fds=[web.fileno()], environ=env)
-    wait_for(lambda: client.list_held(holder.path), what="fd stored again")
+    wait_for(lambda: client.list_parked(holder.path), what="fd stored again")
     claimed = client.claim(holder.path, names=["web"])
     assert [inode(h.sock) for h in claimed.sockets] == [inode(web)]
     claimed.close()
@@ -493,8 +493,8 @@ def test_fdstore_with_systemd_notify(holder: RunningHolder, procs: Procs) -> Non
         pass_fds=[web.fileno()],
     )
     assert proc.wait(10) == 0
-    wait_for(lambda: client.list_held(holder.path), what="fd stored")
-    assert [h.inode for h in client.list_held(holder.path)] == [inode(web)]
+    wait_for(lambda: client.list_parked(holder.path), what="fd stored")
+    assert [h.inode for h in client.list_parked(holder.path)] == [inode(web)]
     web.close()
     client.release(holder.path, everything=True)
 
@@ -535,7 +535,7 @@ def test_exec_claims_matching_and_binds_the_rest(holder: RunningHolder, procs: P
     assert report["fds"] == [3, 4] and report["names"] == ["web", "fresh"]
     assert report["identities"][0] == f"tcp 127.0.0.1:{port} (listening)"
     # The one nobody wanted stays in the holder until its TTL.
-    assert [(h.name, h.inode) for h in client.list_held(holder.path)] == [("other", other_inode)]
+    assert [(h.name, h.inode) for h in client.list_parked(holder.path)] == [("other", other_inode)]
     client.release(holder.path, everything=True)
 
 
@@ -562,7 +562,7 @@ def test_exec_by_names(holder: RunningHolder, procs: Procs) -> None:
     out, _ = proc.communicate(timeout=30)
     report = json.loads(out)
     assert report["names"] == ["web"] and report["pid"] == proc.pid
-    assert client.list_held(holder.path) == []
+    assert client.list_parked(holder.path) == []
 
 
 def test_deposit_spawns_a_holder_on_demand(procs: Procs, tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def test_park_gap_claim_under_load(procs: Procs, tmp_path: Path) -> None:
     finally:
         load.stop()
     assert load.failures() == {}
-    assert client.list_held(holder.path) == []
+    assert client.list_parked(holder.path) == []
     # Requests in flight at any moment of the gap (each thread's one waits it out).
     in_gap = [
         a.latency for a in load.attempts if a.start < gap_end and a.start + a.latency > gap_start
@@ -88,7 +88,7 @@ def test_park_and_ttl_expiry_releases_everything(procs: Procs, tmp_path: Path) -
     baseline = holder.fd_count()
     old, first = start_server(procs, holder, "tcp://127.0.0.1:0?name=web", ttl=0.5)
     park(old)
-    assert [h.inode for h in client.list_held(holder.path)] == [first["inode"]]
+    assert [h.inode for h in client.list_parked(holder.path)] == [first["inode"]]
     wait_for(lambda: holder.fd_count() == baseline, what="held fds released at expiry")
     assert "expired, closed 1" in holder.log_text()
     import socket

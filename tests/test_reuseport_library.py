@@ -11,9 +11,10 @@ import pytest
 from conftest import CHILDREN
 from nodrop.errors import BindError
 from nodrop.kernel.bpf import probe_ebpf
+from nodrop.kernel.bpf_pin import bpffs_mount_points
 from nodrop.listeners.bind import resolve
 from nodrop.listeners.spec import parse_spec
-from nodrop.reuseport import bpffs_mount_points, listen, pin_dir_for
+from nodrop.reuseport import listen, pin_dir_for
 from nodrop.testing import netns
 
 MOUNTS = """\

@@ -18,12 +18,13 @@ import pytest
 from conftest import CHILDREN
 from nodrop.errors import ConfigError
 from nodrop.kernel.bpf import probe_ebpf
-from nodrop.kernel.steering_choice import forced_method
+from nodrop.kernel.migration import forced_method
 from nodrop.listeners.bind import resolve
+from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import SocketIdentity
-from nodrop.listeners.reconcile import HeldSocket
+from nodrop.listeners.reconcile import pin_wildcard_ports
 from nodrop.listeners.spec import parse_spec
-from nodrop.supervisor.reuseport_listeners import NO_MIGRATION_WARNING, pin_wildcard_ports
+from nodrop.supervisor.reuseport_listeners import NO_MIGRATION_WARNING
 from nodrop.testing import netns
 
 SCENARIOS = str(CHILDREN / "reuseport_scenarios.py")
@@ -37,7 +38,8 @@ class _NoSock:
 
 
 def _held(spec: str, address: tuple[Any, ...], type_: int = socket.SOCK_STREAM) -> HeldSocket:
-    ident = SocketIdentity(socket.AF_INET, type_, 0, address, True, True)
+    proto = socket.IPPROTO_TCP if type_ == socket.SOCK_STREAM else socket.IPPROTO_UDP
+    ident = SocketIdentity(socket.AF_INET, type_, proto, address, True, True)
     parsed = parse_spec(spec)
     return HeldSocket(_NoSock(), ident, parsed.options.name or "unknown", parsed)  # type: ignore[arg-type]
 

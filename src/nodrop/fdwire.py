@@ -81,10 +81,11 @@ class ReceivedSocket:
 
     def socket(self) -> socket.socket:
         """Adopt the fd as a socket object (which then owns it)."""
-        fd, self.fd = self.fd, -1
-        if fd < 0:
+        if self.fd < 0:
             raise ValueError("socket already adopted or closed")
-        return socket.socket(fileno=fd)
+        sock = socket.socket(fileno=self.fd)  # ENOTSOCK: the fd stays ours to close
+        self.fd = -1
+        return sock
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import enum
 import fcntl
 import os
@@ -39,11 +38,12 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
-from nodrop.errors import HolderError, NodropError, ProtocolError, UpgradeError
+from nodrop.errors import NodropError, ProtocolError, UpgradeError
 from nodrop.fdwire import Channel, channel_pair
 from nodrop.holder import client as holder_client
 from nodrop.listeners.bind import BindTarget, resolve_all
-from nodrop.listeners.reconcile import HeldSocket, Registry
+from nodrop.listeners.held import HeldSocket
+from nodrop.listeners.reconcile import acquire
 from nodrop.listeners.spec import format_spec, parse_spec
 from nodrop.systemd.activation import listen_fds
 from nodrop.systemd.notify import notify
@@ -155,30 +155,19 @@ class Upgrader:
         return list(self._sockets)
 
     def _obtain(self) -> None:
+        """Where the listeners come from, in order: the predecessor's channel,
+        the holder, ``LISTEN_FDS``; then :func:`~nodrop.listeners.reconcile.acquire`
+        keeps what matches the specs and binds the rest."""
         targets = resolve_all(self.specs) if self.specs else []
-        held: list[HeldSocket] = []
         raw = self.environ.pop(ENV_FD, None)
+        held: list[HeldSocket] = []
         if raw is not None:
             held = self._from_predecessor(raw)
         elif self.holder is not None and targets:
-            with contextlib.suppress(HolderError):
-                held = holder_client.claim(
-                    self.holder, match=[t.key for t in targets if not t.wildcard_port]
-                ).sockets
+            held = holder_client.claim_matching(self.holder, targets)
         if not held:
             held = [HeldSocket.adopt(s.socket, s.name) for s in listen_fds(environ=self.environ)]
-        if targets:
-            targets = _pin_wildcard_ports(targets, held)
-            registry = Registry(held)
-            try:
-                current, removed = registry.apply(targets)
-            except BaseException:
-                registry.close()
-                raise
-            for item in removed:
-                item.sock.close()
-        else:
-            current = held
+        current = acquire(targets, held) if targets else held
         self._sockets = current
         self._keys = _keys(current, targets)
 
@@ -406,33 +395,6 @@ class Upgrader:
 def default_argv() -> list[str]:
     """How this process was started: the interpreter and its original arguments."""
     return [sys.executable, *sys.orig_argv[1:]]
-
-
-def _pin_wildcard_ports(
-    targets: Sequence[BindTarget], held: Sequence[HeldSocket]
-) -> list[BindTarget]:
-    """A port-0 target asks for "any port" once; across upgrades it means "the
-    port I already have". So a port-0 target takes over the port of an
-    inherited socket with the same name, family, type, protocol and host
-    (pure)."""
-    out: list[BindTarget] = []
-    used: set[int] = set()
-    for target in targets:
-        if target.wildcard_port:
-            for i, item in enumerate(held):
-                family, type_, proto, address = item.identity.key
-                if (
-                    i not in used
-                    and item.name == target.name
-                    and (family, type_, proto) == (target.family, target.type, target.protocol)
-                    and address[1] == target.address[1]
-                ):
-                    used.add(i)
-                    sockaddr = (target.sockaddr[0], address[2], *target.sockaddr[2:])
-                    target = dataclasses.replace(target, sockaddr=sockaddr)
-                    break
-        out.append(target)
-    return out
 
 
 def _keys(current: Sequence[HeldSocket], targets: Sequence[BindTarget]) -> list[str]:

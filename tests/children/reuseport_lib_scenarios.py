@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from nodrop.errors import BpfError
-from nodrop.reuseport import SharedSteering, is_on_bpffs, listen
+from nodrop.kernel.bpf_pin import SharedSteering, is_on_bpffs
+from nodrop.reuseport import listen
 from nodrop.testing.netns import in_private_netns
 
 CLONE_NEWNS = 0x00020000

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodrop.kernel.migration import DoctorReport
 
 
 def register(subparsers: Any) -> None:
@@ -29,8 +32,18 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def format_report(report: DoctorReport) -> str:
+    """Human text, one line per check, then the migration method (pure)."""
+    width = max(len(c.name) for c in report.checks)
+    lines = ["nodrop doctor"]
+    for c in report.checks:
+        lines.append(f"  [{'ok' if c.ok else '--'}] {c.name:<{width}}  {c.detail}")
+    lines.append(f"migration: {report.method.value} -- {report.method_reason}")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
-    from nodrop.kernel.migration import format_report, probe
+    from nodrop.kernel.migration import probe
 
     report = probe(allow_sysctl=args.allow_sysctl)
     if args.json:

@@ -154,7 +154,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from nodrop.connhandoff.broker import ConnectionBroker
-    from nodrop.listeners.reconcile import HeldSocket
+    from nodrop.listeners.held import HeldSocket
     from nodrop.supervisor.config import config_from_dict, load_config
     from nodrop.supervisor.control import default_control_path
     from nodrop.supervisor.process import become_subreaper

@@ -3,7 +3,7 @@
 * :mod:`nodrop.holder.ops` — the requests, parsed (pure);
 * :mod:`nodrop.holder.daemon` — :class:`Holder`, the ``nodrop hold`` server;
 * :mod:`nodrop.holder.client` — :func:`deposit`, :func:`claim`,
-  :func:`list_held`, :func:`release`.
+  :func:`list_parked`, :func:`release`.
 
 See ``docs/holder.md``.
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 from nodrop.holder.client import (
     ClaimResult,
     DepositResult,
-    HeldInfo,
+    ParkedInfo,
     claim,
     deposit,
-    list_held,
+    list_parked,
     release,
     spawn_holder,
 )
@@ -25,12 +25,12 @@ from nodrop.holder.daemon import Holder, HolderConfig
 __all__ = [
     "ClaimResult",
     "DepositResult",
-    "HeldInfo",
     "Holder",
     "HolderConfig",
+    "ParkedInfo",
     "claim",
     "deposit",
-    "list_held",
+    "list_parked",
     "release",
     "spawn_holder",
 ]

@@ -32,8 +32,9 @@ from nodrop.fdwire import DEFAULT_TIMEOUT, Channel
 from nodrop.fdwire import connect as handoff_connect
 from nodrop.holder.ops import Key, key_to_wire
 from nodrop.listeners.bind import BindTarget
+from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import SocketIdentity, identify
-from nodrop.listeners.reconcile import HeldSocket, Registry
+from nodrop.listeners.reconcile import acquire
 from nodrop.systemd.receiver import NotifyReceiver
 
 SPAWN_TIMEOUT = 10.0
@@ -76,7 +77,7 @@ class ClaimResult:
 
 
 @dataclass(frozen=True)
-class HeldInfo:
+class ParkedInfo:
     """One socket a holder keeps, as ``list`` reports it."""
 
     id: int
@@ -231,7 +232,7 @@ def claim(
     return result
 
 
-def list_held(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[HeldInfo]:
+def list_parked(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[ParkedInfo]:
     """What the holder keeps (metadata only: no fd leaves the holder).
 
     Raises:
@@ -243,7 +244,7 @@ def list_held(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[HeldInfo]:
     try:
         for entry in reply.get("sockets", []):
             out.append(
-                HeldInfo(
+                ParkedInfo(
                     id=int(entry["id"]),
                     name=str(entry["name"]),
                     identity=SocketIdentity.from_wire(entry["wire"]),
@@ -369,15 +370,41 @@ def holder_alive(path: str) -> bool:
     return False
 
 
+def claim_matching(
+    path: str, targets: Sequence[BindTarget], *, timeout: float = DEFAULT_TIMEOUT
+) -> list[HeldSocket]:
+    """Claim the parked sockets whose kernel identity matches one of
+    ``targets`` (port-0 targets match nothing here).
+
+    Returns:
+        The claimed sockets; none when no holder listens at ``path`` (nothing
+        to claim is not an error).
+
+    Raises:
+        HolderError: a holder is there and refused: binding beside it would
+            only fail less clearly.
+    """
+    keys = [t.key for t in targets if not t.wildcard_port]
+    if not keys:
+        return []
+    try:
+        return claim(path, match=keys, timeout=timeout).sockets
+    except HolderError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError | ConnectionRefusedError):
+            return []
+        raise
+
+
 def claim_listeners(
     path: str | None,
     targets: Sequence[BindTarget],
     *,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[HeldSocket]:
-    """The listeners for ``targets``: the held ones whose kernel identity
-    matches are claimed, the rest are bound here. Held sockets that match no
-    target stay in the holder until their TTL ends.
+    """The listeners for ``targets``: the parked ones whose kernel identity
+    matches are claimed (:func:`claim_matching`), the rest are bound here
+    (:func:`~nodrop.listeners.reconcile.acquire`). Parked sockets that match
+    no target stay in the holder until their TTL ends.
 
     Args:
         path: the holder, or None (or nothing listening there) to bind all.
@@ -392,20 +419,5 @@ def claim_listeners(
             are closed; the holder's copies are gone, the kernel sockets
             with them unless someone else holds them).
     """
-    claimed = ClaimResult()
-    keys = [t.key for t in targets if not t.wildcard_port]
-    if path is not None and keys:
-        try:
-            claimed = claim(path, match=keys, timeout=timeout)
-        except HolderError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError | ConnectionRefusedError):
-                raise
-    registry = Registry(list(claimed.sockets))
-    try:
-        current, removed = registry.apply(targets)
-    except BaseException:
-        registry.close()
-        raise
-    for held in removed:  # exact duplicates only: the claim asked by identity
-        held.sock.close()
-    return current
+    claimed = claim_matching(path, targets, timeout=timeout) if path is not None else []
+    return acquire(targets, claimed)

@@ -31,11 +31,12 @@ from typing import Any
 from nodrop.errors import HolderError, NodropError, PeerDeniedError, ProtocolError
 from nodrop.fdwire import (
     MAX_MESSAGE,
+    Assembly,
+    Transfer,
     decode,
     encode,
     fds_messages,
     listen,
-    parse_fds_chunk,
     refuse,
 )
 from nodrop.holder import ops
@@ -43,7 +44,6 @@ from nodrop.kernel.fdpass import (
     MAX_FDS_PER_MESSAGE,
     Credentials,
     check_peer,
-    ensure_fd_room,
     recv_with_fds,
     send_with_fds,
 )
@@ -93,7 +93,7 @@ class HolderConfig:
 
 
 @dataclass(eq=False)
-class Held:
+class Parked:
     """One socket the holder keeps."""
 
     id: int
@@ -134,18 +134,20 @@ class Peer:
     deadline: float
     state: PeerState = PeerState.IDLE
     ttl: float = 0.0
-    total: int = -1
-    incoming: list[tuple[int, str, SocketIdentity]] = field(default_factory=list)
+    incoming: Assembly | None = None
     outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
-    claimed: list[Held] = field(default_factory=list)
+    claimed: list[Parked] = field(default_factory=list)
     close_after_flush: bool = False
 
     def drop_incoming(self) -> None:
-        for fd, _, _ in self.incoming:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.incoming = []
-        self.total = -1
+        if self.incoming is not None:
+            self.incoming.transfer.close()
+        self.incoming = None
+
+    def pending(self) -> int:
+        """Sockets this peer holds in flight: half-deposited or being claimed."""
+        received = 0 if self.incoming is None else len(self.incoming.transfer.sockets)
+        return received + len(self.claimed)
 
 
 def _stderr_log(line: str) -> None:
@@ -171,7 +173,7 @@ class Holder:
         self.config = config
         self.log = log
         self.clock = clock
-        self.held: dict[int, Held] = {}
+        self.parked: dict[int, Parked] = {}
         self.peers: dict[int, Peer] = {}
         self._next_id = 1
         self._listener: socket.socket | None = None
@@ -277,13 +279,13 @@ class Holder:
         self._expire(self.clock())
 
     def _should_exit_empty(self, now: float) -> bool:
-        if not self.config.exit_when_empty or self.held or self.peers:
+        if not self.config.exit_when_empty or self.parked or self.peers:
             return False
         return self._ever_held or now - self._started >= EMPTY_GRACE
 
     def _next_timeout(self, now: float, until: float | None) -> float:
         times = [now + 60.0]
-        times.extend(h.expires_at for h in self.held.values())
+        times.extend(h.expires_at for h in self.parked.values())
         times.extend(p.deadline for p in self.peers.values())
         if until is not None:
             times.append(until)
@@ -321,7 +323,7 @@ class Holder:
         goes back to the held set, and it is told ``reason`` if it still listens."""
         peer.drop_incoming()
         for item in peer.claimed:
-            self.held[item.id] = item
+            self.parked[item.id] = item
         if peer.claimed:
             self.log(
                 f"nodrop hold: claim by pid {peer.creds.pid} not acknowledged; "
@@ -389,7 +391,7 @@ class Holder:
             peer.ttl = request.ttl if request.ttl is not None else self.config.ttl_default
         elif isinstance(request, ops.Claim):
             self._claim(peer, request.selector)
-        elif isinstance(request, ops.ListHeld):
+        elif isinstance(request, ops.ListParked):
             self._reply(peer, self._list_reply())
         else:
             self._reply(peer, {"op": "ok", "released": self._release(request.selector, peer)})
@@ -419,51 +421,51 @@ class Holder:
 
     # -- deposit -------------------------------------------------------------
     def _deposit_chunk(self, peer: Peer, data: bytes, fds: list[int]) -> None:
+        if peer.incoming is None:
+            room = self.config.max_held - len(self.parked) - self._pending()
+            peer.incoming = Assembly(max_total=max(0, room))
+        assembly = peer.incoming
         try:
             header = decode(data)
-            room = self.config.max_held - len(self.held) - self._pending()
-            total, entries, _meta = parse_fds_chunk(
-                header, len(fds), len(peer.incoming), max(0, room)
-            )
-            ops.check_names(name for name, _ in entries)
         except ProtocolError:
             for fd in fds:
                 os.close(fd)
             peer.drop_incoming()
             raise
-        for fd, (name, identity) in zip(fds, entries, strict=True):
-            peer.incoming.append((fd, name, identity))
-        if peer.total < 0:
-            peer.total = total
-            ensure_fd_room(total - len(peer.incoming))
-        if len(peer.incoming) < peer.total:
+        try:
+            before = len(assembly.transfer.sockets)
+            assembly.add(header, fds)  # closes the chunk's fds if it refuses them
+            ops.check_names(item.name for item in assembly.transfer.sockets[before:])
+        except ProtocolError:
+            peer.drop_incoming()
+            raise
+        if not assembly.done:
             return
-        ids = self._commit_deposit(peer)
+        ids = self._commit_deposit(peer, assembly.transfer)
         peer.state = PeerState.IDLE
         self._reply(peer, {"op": "ok", "count": len(ids), "ids": ids, "ttl": peer.ttl})
 
     def _pending(self) -> int:
-        return sum(len(p.incoming) + len(p.claimed) for p in self.peers.values())
+        return sum(p.pending() for p in self.peers.values())
 
-    def _commit_deposit(self, peer: Peer) -> list[int]:
+    def _commit_deposit(self, peer: Peer, transfer: Transfer) -> list[int]:
         """Adopt the transfer's fds. What the kernel says an fd is wins over the
         manifest; an fd that is not a socket fails the whole deposit."""
         adopted: list[tuple[socket.socket, str]] = []
         try:
-            for fd, name, _claimed in peer.incoming:
-                adopted.append((socket.socket(fileno=fd), name))
+            for item in transfer.sockets:
+                adopted.append((item.socket(), item.name))
         except OSError as exc:
             for sock, _ in adopted:
-                sock.detach()
+                sock.close()
             peer.drop_incoming()
             raise ProtocolError(f"a deposited fd is not a socket: {exc.strerror}") from exc
-        peer.incoming = []
-        peer.total = -1
+        peer.incoming = None
         expires = self.clock() + peer.ttl
         ids = [self._add(sock, name, expires, peer.creds, "handoff") for sock, name in adopted]
         self.log(
             f"nodrop hold: pid {peer.creds.pid} deposited {len(ids)} socket(s) "
-            f"for {peer.ttl:g}s: {_summary(self.held[i] for i in ids if i in self.held)}"
+            f"for {peer.ttl:g}s: {_summary(self.parked[i] for i in ids if i in self.parked)}"
         )
         return ids
 
@@ -474,7 +476,7 @@ class Holder:
         held one (its name and expiry) instead of being held twice."""
         st = os.fstat(sock.fileno())
         inode = (st.st_dev, st.st_ino)
-        for item in self.held.values():
+        for item in self.parked.values():
             if item.inode == inode:
                 sock.close()
                 item.name, item.expires_at, item.depositor = name, expires, creds
@@ -484,20 +486,20 @@ class Holder:
         except OSError as exc:
             sock.close()
             raise ProtocolError(f"cannot identify a deposited socket: {exc.strerror}") from exc
-        item = Held(self._next_id, name, sock, identity, inode, expires, creds, via)
+        item = Parked(self._next_id, name, sock, identity, inode, expires, creds, via)
         self._next_id += 1
-        self.held[item.id] = item
+        self.parked[item.id] = item
         self._ever_held = True
         return item.id
 
     # -- claim / list / release ---------------------------------------------
-    def _select(self, selector: ops.Selector) -> list[Held]:
-        return [h for h in self.held.values() if selector.selects(h.id, h.name, h.identity)]
+    def _select(self, selector: ops.Selector) -> list[Parked]:
+        return [h for h in self.parked.values() if selector.selects(h.id, h.name, h.identity)]
 
     def _claim(self, peer: Peer, selector: ops.Selector) -> None:
         chosen = self._select(selector)
         for item in chosen:
-            del self.held[item.id]
+            del self.parked[item.id]
         peer.claimed = chosen
         peer.state = PeerState.SENDING
         missing = sorted(selector.names - {h.name for h in chosen})[:64]
@@ -519,7 +521,7 @@ class Holder:
 
     def _list_reply(self) -> dict[str, Any]:
         now = self.clock()
-        entries = [h.describe(now) for h in sorted(self.held.values(), key=lambda h: h.id)]
+        entries = [h.describe(now) for h in sorted(self.parked.values(), key=lambda h: h.id)]
         shown = len(entries)
         while True:
             header = {"op": "ok", "sockets": entries[:shown], "more": len(entries) - shown}
@@ -532,7 +534,7 @@ class Holder:
     def _release(self, selector: ops.Selector, peer: Peer) -> int:
         chosen = self._select(selector)
         for item in chosen:
-            del self.held[item.id]
+            del self.parked[item.id]
             item.sock.close()
         if chosen:
             self.log(
@@ -543,9 +545,9 @@ class Holder:
 
     # -- expiry ---------------------------------------------------------------
     def _expire(self, now: float) -> None:
-        gone = [h for h in self.held.values() if h.expires_at <= now]
+        gone = [h for h in self.parked.values() if h.expires_at <= now]
         for item in gone:
-            del self.held[item.id]
+            del self.parked[item.id]
             item.sock.close()
         if gone:
             self.log(f"nodrop hold: expired, closed {len(gone)} socket(s): {_summary(gone)}")
@@ -586,16 +588,16 @@ class Holder:
         request = ops.parse_fdstore(fields, ttl_max=self.config.ttl_max)
         creds = Credentials(pid, uid, gid)
         if isinstance(request, ops.FdStoreRemove):
-            gone = [h for h in self.held.values() if h.name == request.name]
+            gone = [h for h in self.parked.values() if h.name == request.name]
             for item in gone:
-                del self.held[item.id]
+                del self.parked[item.id]
                 item.sock.close()
             self.log(f"nodrop hold: fdstore: pid {pid} removed {len(gone)} {request.name!r}")
             return
         if request is None:
             return
-        if len(self.held) + len(fds) > self.config.max_held:
-            raise ProtocolError(f"holding {len(self.held)}; would exceed {self.config.max_held}")
+        if len(self.parked) + len(fds) > self.config.max_held:
+            raise ProtocolError(f"holding {len(self.parked)}; would exceed {self.config.max_held}")
         ttl = request.ttl if request.ttl is not None else self.config.ttl_default
         expires = self.clock() + ttl
         ids = []
@@ -618,11 +620,11 @@ class Holder:
         """Close every peer, every held socket and the holder's own sockets."""
         for peer in list(self.peers.values()):
             self._drop(peer)
-        if self.held:
-            self.log(f"nodrop hold: stopping; closing {len(self.held)} held socket(s)")
-        for item in self.held.values():
+        if self.parked:
+            self.log(f"nodrop hold: stopping; closing {len(self.parked)} held socket(s)")
+        for item in self.parked.values():
             item.sock.close()
-        self.held.clear()
+        self.parked.clear()
         if self._listener is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(self._listener)

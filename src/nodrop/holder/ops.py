@@ -80,7 +80,7 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class ListHeld:
+class ListParked:
     pass
 
 
@@ -89,7 +89,7 @@ class Release:
     selector: Selector
 
 
-Request = Deposit | Claim | ListHeld | Release
+Request = Deposit | Claim | ListParked | Release
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def parse_request(header: Mapping[str, Any], *, ttl_max: float = DEFAULT_TTL_MAX
     if op == "claim":
         return Claim(parse_selector(header))
     if op == "list":
-        return ListHeld()
+        return ListParked()
     if op == "release":
         return Release(parse_selector(header))
     raise ProtocolError(f"unknown op {op!r}; expected deposit, claim, list or release")

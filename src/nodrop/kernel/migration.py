@@ -1,5 +1,6 @@
-"""``nodrop doctor``: can this machine hand queued connections to the new
-generation, and how?
+"""Socket migration: can this kernel hand a closing listener's queued
+connections to the new generation, and how -- the probe ``nodrop doctor``
+renders and the choice ``nodrop run --strategy reuseport`` makes.
 
 When the old generation's listener closes, connections still in its accept
 queue, and handshakes still half-open, are reset unless the kernel migrates
@@ -10,8 +11,16 @@ so if either
   to the group (nodrop's :class:`~nodrop.kernel.bpf.ReuseportSteering`), or
 * ``net.ipv4.tcp_migrate_req`` is 1 in the listener's network namespace.
 
-:func:`probe` gathers the facts (the only I/O here); :func:`assess` turns them
-into a :class:`DoctorReport` and :func:`format_report` into text, both pure.
+:func:`probe` gathers the facts (the only I/O here) and :func:`assess`, pure,
+judges them. :func:`choose_method` is what ``nodrop run`` uses: the probe's
+verdict, unless ``NODROP_MIGRATION=ebpf|sysctl|none`` forces a method (for
+tests and benchmarks that compare them, or to rule eBPF out on a machine):
+
+* ``ebpf``: fails (ConfigError) if the program cannot be loaded here;
+* ``sysctl``: uses ``net.ipv4.tcp_migrate_req``, which must already be 1 or
+  may be set only with ``--allow-sysctl``; eBPF is not used;
+* ``none``: no steering program and the sysctl is left as it is (if it is
+  already 1 the kernel still migrates, and the reason says so).
 """
 
 from __future__ import annotations
@@ -19,21 +28,26 @@ from __future__ import annotations
 import enum
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from nodrop.errors import ConfigError
 from nodrop.kernel.bpf import probe_ebpf
 
 __all__ = [
     "BTF_PATH",
+    "FORCE_ENV",
+    "MIGRATE_SYSCTL",
     "MIN_MIGRATION_KERNEL",
     "Check",
     "DoctorReport",
     "Facts",
-    "Strategy",
+    "Method",
     "assess",
-    "format_report",
+    "choose_method",
+    "forced_method",
     "parse_cap_eff",
     "parse_kernel_release",
     "probe",
@@ -50,7 +64,7 @@ CAP_SYS_ADMIN: Final = 21
 CAP_BPF: Final = 39
 
 
-class Strategy(enum.Enum):
+class Method(enum.Enum):
     """How the old generation's queued connections reach the new one."""
 
     EBPF = "ebpf"
@@ -81,7 +95,7 @@ class Check:
 
 @dataclass(frozen=True)
 class DoctorReport:
-    """The facts, one judged line per fact, and the strategy chosen."""
+    """The facts, one judged line per fact, and the migration method chosen."""
 
     facts: Facts
     allow_sysctl: bool
@@ -90,8 +104,8 @@ class DoctorReport:
     cap_bpf: bool
     cap_net_admin: bool
     checks: tuple[Check, ...]
-    strategy: Strategy
-    strategy_reason: str
+    method: Method
+    method_reason: str
 
 
 # --- pure --------------------------------------------------------------------
@@ -118,32 +132,32 @@ def _has(mask: int | None, cap: int) -> bool:
 
 def _decide(
     facts: Facts, kernel_ok: bool, cap_net_admin: bool, allow_sysctl: bool
-) -> tuple[Strategy, str]:
+) -> tuple[Method, str]:
     lost = "the old generation's queued connections may be reset"
     if not kernel_ok:
-        return Strategy.NONE, f"{lost}: migration needs Linux 5.14+"
+        return Method.NONE, f"{lost}: migration needs Linux 5.14+"
     if facts.ebpf_ok:
-        return Strategy.EBPF, (
+        return Method.EBPF, (
             "eBPF SELECT_OR_MIGRATE steering: new connections go to the new generation "
             "and the old one's queue migrates at close; no sysctl is changed"
         )
     if facts.tcp_migrate_req == 1:
-        return Strategy.SYSCTL, "net.ipv4.tcp_migrate_req is already 1 in this network namespace"
+        return Method.SYSCTL, "net.ipv4.tcp_migrate_req is already 1 in this network namespace"
     if allow_sysctl and cap_net_admin:
-        return Strategy.SYSCTL, (
+        return Method.SYSCTL, (
             "eBPF unavailable; nodrop will set net.ipv4.tcp_migrate_req=1 (--allow-sysctl), "
             "which applies to every listener in this network namespace"
         )
     if allow_sysctl:
-        return Strategy.NONE, f"{lost}: --allow-sysctl given but CAP_NET_ADMIN is missing"
-    return Strategy.NONE, (
+        return Method.NONE, f"{lost}: --allow-sysctl given but CAP_NET_ADMIN is missing"
+    return Method.NONE, (
         f"{lost}: eBPF unavailable and net.ipv4.tcp_migrate_req is not 1 "
         "(pass --allow-sysctl to let nodrop set it, or grant CAP_BPF)"
     )
 
 
 def assess(facts: Facts, *, allow_sysctl: bool = False) -> DoctorReport:
-    """Judge ``facts``: one :class:`Check` per fact and the strategy chain's
+    """Judge ``facts``: one :class:`Check` per fact and the method chain's
     decision, ``ebpf`` before ``sysctl`` before ``none``."""
     version = parse_kernel_release(facts.kernel_release)
     kernel_ok = version is not None and version[:2] >= MIN_MIGRATION_KERNEL
@@ -181,7 +195,7 @@ def assess(facts: Facts, *, allow_sysctl: bool = False) -> DoctorReport:
         ),
         Check("eBPF steering", facts.ebpf_ok, facts.ebpf_reason),
     )
-    strategy, reason = _decide(facts, kernel_ok, cap_net_admin, allow_sysctl)
+    method, reason = _decide(facts, kernel_ok, cap_net_admin, allow_sysctl)
     return DoctorReport(
         facts=facts,
         allow_sysctl=allow_sysctl,
@@ -190,19 +204,9 @@ def assess(facts: Facts, *, allow_sysctl: bool = False) -> DoctorReport:
         cap_bpf=cap_bpf,
         cap_net_admin=cap_net_admin,
         checks=checks,
-        strategy=strategy,
-        strategy_reason=reason,
+        method=method,
+        method_reason=reason,
     )
-
-
-def format_report(report: DoctorReport) -> str:
-    """Human text, one line per check, then the strategy."""
-    width = max(len(c.name) for c in report.checks)
-    lines = ["nodrop doctor"]
-    for c in report.checks:
-        lines.append(f"  [{'ok' if c.ok else '--'}] {c.name:<{width}}  {c.detail}")
-    lines.append(f"strategy: {report.strategy.value} -- {report.strategy_reason}")
-    return "\n".join(lines) + "\n"
 
 
 # --- I/O ---------------------------------------------------------------------
@@ -240,3 +244,71 @@ def probe(*, allow_sysctl: bool = False) -> DoctorReport:
     """Probe this machine and judge it. Changes nothing (the eBPF program is
     loaded and unloaded; no sysctl is written)."""
     return assess(gather_facts(), allow_sysctl=allow_sysctl)
+
+
+# --- the choice nodrop run makes ------------------------------------------------
+
+#: Environment variable that forces the migration method.
+FORCE_ENV: Final = "NODROP_MIGRATION"
+METHODS: Final = tuple(s.value for s in Method)
+
+
+def forced_method(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The method ``NODROP_MIGRATION`` asks for, or None if unset (pure).
+
+    Raises:
+        ConfigError: the value is not one of ebpf, sysctl, none.
+    """
+    value = environ.get(FORCE_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in METHODS:
+        raise ConfigError(f"{FORCE_ENV}={value!r}: expected one of {', '.join(METHODS)}")
+    return value
+
+
+def _set_sysctl() -> None:
+    try:
+        MIGRATE_SYSCTL.write_text("1\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot set net.ipv4.tcp_migrate_req=1: {exc.strerror}") from exc
+
+
+def choose_method(allow_sysctl: bool, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """Returns (method, reason). With ``allow_sysctl`` and no eBPF, sets
+    ``net.ipv4.tcp_migrate_req=1`` in this network namespace and says so.
+
+    Raises:
+        ConfigError: a forced method is not available, or the sysctl cannot
+            be written.
+    """
+    forced = forced_method(environ)
+    report = probe(allow_sysctl=allow_sysctl)
+    sysctl_on = report.facts.tcp_migrate_req == 1
+    if forced == "ebpf":
+        if not report.facts.ebpf_ok:
+            raise ConfigError(f"{FORCE_ENV}=ebpf: {report.facts.ebpf_reason}")
+        return "ebpf", f"forced by {FORCE_ENV}=ebpf"
+    if forced == "sysctl":
+        if sysctl_on:
+            return "sysctl", f"forced by {FORCE_ENV}=sysctl; net.ipv4.tcp_migrate_req is already 1"
+        if not allow_sysctl:
+            raise ConfigError(
+                f"{FORCE_ENV}=sysctl: net.ipv4.tcp_migrate_req is not 1; pass --allow-sysctl"
+            )
+        _set_sysctl()
+        return "sysctl", (
+            f"forced by {FORCE_ENV}=sysctl; set net.ipv4.tcp_migrate_req=1 in this "
+            "network namespace (--allow-sysctl)"
+        )
+    if forced == "none":
+        if sysctl_on:
+            return "none", (
+                f"forced by {FORCE_ENV}=none, but net.ipv4.tcp_migrate_req is 1 here: "
+                "the kernel still migrates by hash"
+            )
+        return "none", f"forced by {FORCE_ENV}=none"
+    if report.method is Method.SYSCTL and not sysctl_on:
+        _set_sysctl()
+        return "sysctl", "set net.ipv4.tcp_migrate_req=1 in this network namespace (--allow-sysctl)"
+    return report.method.value, report.method_reason

@@ -9,35 +9,16 @@ identity, wanted listeners by the identity they will have once bound, and a
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from nodrop.listeners.bind import BindTarget, apply_live_options, bind_all
-from nodrop.listeners.identity import Address, SocketIdentity, identify
-from nodrop.listeners.spec import ListenerSpec
+from nodrop.listeners.held import HeldSocket
+from nodrop.listeners.identity import Address
 
 Key = tuple[int, int, int, Address]
-
-
-@dataclass(eq=False)
-class HeldSocket:
-    """A socket we hold, with what the kernel says it is and the name it goes by."""
-
-    sock: socket.socket
-    identity: SocketIdentity
-    name: str = "unknown"
-    spec: ListenerSpec | None = None
-    """The spec it was bound from, if we bound it (matches port-0 specs)."""
-
-    @classmethod
-    def adopt(
-        cls, sock: socket.socket, name: str = "unknown", spec: ListenerSpec | None = None
-    ) -> HeldSocket:
-        return cls(sock, identify(sock), name, spec)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
 
 @dataclass(frozen=True)
@@ -55,12 +36,55 @@ class Plan:
     close: tuple[HeldSocket, ...] = ()
 
 
+def serves_port_zero(held: HeldSocket, target: BindTarget) -> bool:
+    """The one port-0 rule: may ``held`` serve the port-0 ``target`` (pure)?
+
+    Port 0 asks for "any port" once; afterwards it means "the port I already
+    have". A held socket serves a port-0 target when both are the same
+    transport (family, type, protocol) on the same host under the same name,
+    and the socket was not bound for an explicit port. Options (backlog...)
+    may differ: changing them must not move the port. Inherited sockets carry
+    no spec; their name (``LISTEN_FDNAMES``) decides.
+    """
+    family, type_, protocol, address = held.identity.key
+    return (
+        target.wildcard_port
+        and (family, type_, protocol) == (target.family, target.type, target.protocol)
+        and address[1] == target.address[1]
+        and held.name == target.name
+        and (held.spec is None or held.spec.port == 0)
+    )
+
+
+def pin_wildcard_ports(
+    targets: Sequence[BindTarget], held: Iterable[HeldSocket]
+) -> list[BindTarget]:
+    """Give each port-0 target the port of the held socket that serves it
+    (:func:`serves_port_zero`; each socket serves one target). A target with
+    no match keeps port 0, and the kernel picks one when it is bound (pure)."""
+    candidates = list(held)
+    used: set[int] = set()
+    out: list[BindTarget] = []
+    for target in targets:
+        match = next(
+            (h for h in candidates if id(h) not in used and serves_port_zero(h, target)), None
+        )
+        if match is not None:
+            used.add(id(match))
+            port = int(match.identity.address[2])
+            target = dataclasses.replace(
+                target, sockaddr=(target.sockaddr[0], port, *target.sockaddr[2:])
+            )
+        out.append(target)
+    return out
+
+
 def plan(held: Iterable[HeldSocket], wanted: Sequence[BindTarget]) -> Plan:
     """Reconcile (pure: no syscalls).
 
-    A target with port 0 ("any port") matches the socket that was bound from
-    the very same spec, so an unchanged config keeps its kernel-chosen port;
-    it never matches a socket bound or inherited otherwise.
+    Port-0 targets are pinned first (:func:`pin_wildcard_ports`); then every
+    target is matched by the kernel identity its socket will have. A port-0
+    target nothing serves is bound afresh.
     """
     held = list(held)
     by_key: dict[Key, HeldSocket] = {}
@@ -69,20 +93,8 @@ def plan(held: Iterable[HeldSocket], wanted: Sequence[BindTarget]) -> Plan:
     keep: list[tuple[BindTarget, HeldSocket]] = []
     to_bind: list[BindTarget] = []
     used: set[int] = set()
-    for target in wanted:
-        if target.wildcard_port:
-            match = next(
-                (
-                    h
-                    for h in held
-                    if h.spec == target.spec
-                    and id(h) not in used
-                    and h.identity.family == target.family
-                ),
-                None,
-            )
-        else:
-            match = by_key.get(target.key)
+    for target in pin_wildcard_ports(wanted, held):
+        match = None if target.wildcard_port else by_key.get(target.key)
         if match is not None and id(match) not in used:
             used.add(id(match))
             keep.append((target, match))
@@ -90,6 +102,29 @@ def plan(held: Iterable[HeldSocket], wanted: Sequence[BindTarget]) -> Plan:
             to_bind.append(target)
     close = tuple(h for h in held if id(h) not in used)
     return Plan(tuple(keep), tuple(to_bind), close)
+
+
+def acquire(targets: Sequence[BindTarget], held: Sequence[HeldSocket]) -> list[HeldSocket]:
+    """The listeners for ``targets``, starting from the sockets in ``held``
+    (claimed from a holder, inherited, received): matches are kept, the rest
+    bound; held sockets no target wants are closed.
+
+    Returns:
+        One socket per target, in the order of ``targets``, named after it.
+
+    Raises:
+        BindError: a missing listener could not be bound; every socket in
+            ``held`` is closed (nothing half-acquired stays open).
+    """
+    registry = Registry(list(held))
+    try:
+        current, removed = registry.apply(targets)
+    except BaseException:
+        registry.close()
+        raise
+    for item in removed:
+        item.sock.close()
+    return current
 
 
 @dataclass
@@ -122,6 +157,7 @@ class Registry:
         Raises:
             BindError: a new listener could not be bound; nothing changed.
         """
+        targets = pin_wildcard_ports(targets, self.sockets)
         the_plan = self.plan(targets)
         fresh = bind_all(the_plan.bind)
         new_by_target: dict[int, HeldSocket] = {

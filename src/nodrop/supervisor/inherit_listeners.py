@@ -15,9 +15,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from nodrop.listeners.bind import resolve_all
+from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import format_address
 from nodrop.listeners.queue import accept_queue
-from nodrop.listeners.reconcile import HeldSocket, Registry
+from nodrop.listeners.reconcile import Registry
 from nodrop.supervisor.config import RunConfig
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodrop.listeners.reconcile import HeldSocket
+from nodrop.listeners.held import HeldSocket
 from nodrop.supervisor.config import RunConfig
 
 STDERR_TAIL_LINES = 10

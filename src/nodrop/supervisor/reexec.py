@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nodrop.errors import NodropError
-from nodrop.listeners.reconcile import HeldSocket
+from nodrop.listeners.held import HeldSocket
 from nodrop.supervisor.config import config_from_dict, config_to_dict
 from nodrop.supervisor.inherit_listeners import InheritListeners, ListenerProvider
 from nodrop.supervisor.model import Generation, GenState, ReloadOutcome, Worker, WorkerState

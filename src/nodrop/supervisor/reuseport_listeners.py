@@ -7,7 +7,7 @@ while that generation is starting or active (to restart crashed workers); when
 the generation drains it drops them, so the sockets close with the old
 workers. What happens to the connections queued on them then depends on the
 migration method, chosen once at start-up (``nodrop doctor`` shows it;
-``NODROP_MIGRATION`` forces it, see :mod:`nodrop.kernel.steering_choice`):
+``NODROP_MIGRATION`` forces it, see :mod:`nodrop.kernel.migration`):
 
 * ``ebpf``: a BPF_PROG_TYPE_SK_REUSEPORT program (SELECT_OR_MIGRATE) per
   address steers every new connection to the active generation's listener,
@@ -35,7 +35,6 @@ the ``inherit`` strategy.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -43,10 +42,11 @@ from typing import Any
 
 from nodrop.errors import BpfError, ConfigError, NodropError
 from nodrop.kernel.bpf import ReuseportSteering, socket_cookie
-from nodrop.kernel.steering_choice import FORCE_ENV, MIGRATE_SYSCTL, choose_method
-from nodrop.listeners.bind import BindTarget, bind_all, resolve_all
+from nodrop.kernel.migration import FORCE_ENV, MIGRATE_SYSCTL, choose_method
+from nodrop.listeners.bind import bind_all, resolve_all
+from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import Address
-from nodrop.listeners.reconcile import HeldSocket
+from nodrop.listeners.reconcile import pin_wildcard_ports
 from nodrop.supervisor.config import RunConfig
 from nodrop.supervisor.inherit_listeners import InheritListeners, describe
 
@@ -57,49 +57,6 @@ NO_MIGRATION_WARNING = (
 )
 
 Key = tuple[int, int, int, Address]
-
-
-def _same_listener(held: HeldSocket, target: BindTarget) -> bool:
-    """``held`` was bound from a port-0 spec that ``target`` also comes from.
-
-    Options (backlog...) may differ: changing them must not move the port.
-    """
-    spec = held.spec
-    return (
-        spec is not None
-        and spec.port == 0
-        and spec.transport == target.spec.transport
-        and spec.options.name == target.spec.options.name
-        and held.identity.family == target.family
-        and held.identity.type == target.type
-        and held.identity.address[1] == target.address[1]
-    )
-
-
-def pin_wildcard_ports(
-    targets: Sequence[BindTarget], active: Sequence[HeldSocket]
-) -> list[BindTarget]:
-    """Give each port-0 target the port its active listener got (pure).
-
-    A target matches an active socket bound from a port-0 spec with the same
-    transport, host, family and name; each active socket is used once. A
-    target with no match keeps port 0 (the kernel picks one).
-    """
-    used: set[int] = set()
-    out: list[BindTarget] = []
-    for target in targets:
-        if target.wildcard_port:
-            match = next(
-                (h for h in active if id(h) not in used and _same_listener(h, target)), None
-            )
-            if match is not None:
-                used.add(id(match))
-                port = int(match.identity.address[2])
-                target = dataclasses.replace(
-                    target, sockaddr=(target.sockaddr[0], port, *target.sockaddr[2:])
-                )
-        out.append(target)
-    return out
 
 
 class ReuseportListeners:
@@ -317,5 +274,4 @@ __all__ = [
     "MIGRATE_SYSCTL",
     "NO_MIGRATION_WARNING",
     "ReuseportListeners",
-    "pin_wildcard_ports",
 ]

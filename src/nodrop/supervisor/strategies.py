@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from nodrop.errors import ConfigError
-from nodrop.listeners.reconcile import HeldSocket
+from nodrop.listeners.held import HeldSocket
 from nodrop.supervisor.config import RunConfig, Strategy
 from nodrop.supervisor.inherit_listeners import InheritListeners, ListenerProvider
 
