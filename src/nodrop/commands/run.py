@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     state = load_state()
     if state is not None:  # we are `nodrop reexec`'s new program
         restored, resume = restore(state, log=lambda m: print(f"nodrop: {m}", file=sys.stderr))
+        broker_state = state["broker"]
         supervisor = Supervisor(
             config_from_dict(state["config"]),
             restored,
@@ -176,9 +177,7 @@ def run(args: argparse.Namespace) -> int:
             tag_output=not args.no_tag_output,
             service_notify_socket=state["service_notify"],
             resume=resume,
-            broker=None
-            if state.get("broker") is None
-            else ConnectionBroker.from_state(state["broker"]),
+            broker=None if broker_state is None else ConnectionBroker.from_state(broker_state),
         )
         os.environ.pop("NOTIFY_SOCKET", None)
         become_subreaper()

@@ -75,7 +75,8 @@ Outcome = Literal["placed", "refused", "lost"]
 class BrokerHost(Protocol):
     """What the broker needs of the supervisor."""
 
-    active: Generation | None
+    @property
+    def active(self) -> Generation | None: ...
 
     def worker_of(self, pid: int) -> tuple[Worker, Generation] | None: ...
 

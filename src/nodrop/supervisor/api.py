@@ -1,81 +1,93 @@
-"""What the control socket can ask of a supervisor: reload, status, stop,
-reexec. The socket itself is :mod:`.control`; the state is the supervisor's."""
+"""What the control socket can ask of a supervisor -- reload, status, stop,
+reexec -- and the shape of each answer.
+
+The socket itself is :mod:`.control`; the state is the supervisor's, reached
+only through :class:`ControlTarget`, the handful of public methods a
+supervisor offers to its control socket.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypedDict
 
-from nodrop.errors import NodropError
-from nodrop.supervisor import reexec
+from nodrop.supervisor.model import ReloadOutcome
 
-if TYPE_CHECKING:
-    from nodrop.supervisor.supervisor import Supervisor
-
-CRASH_LOOP_WINDOW = 60.0
-CRASH_LOOP_RESTARTS = 5
+Wait = Literal["ready", "drained"]
 
 
-async def handle(sup: Supervisor, request: dict[str, Any]) -> dict[str, Any]:
+class ControlRequest(TypedDict, total=False):
+    """One request, as :func:`nodrop.supervisor.control.parse_request` checked it."""
+
+    cmd: Literal["reload", "status", "stop", "reexec"]
+    wait: Wait
+
+
+class StatusReply(TypedDict):
+    """What ``nodrop status --json`` prints (``ok`` is added by the socket)."""
+
+    pid: int
+    uptime: float
+    reexecs: int
+    strategy: str
+    control: str
+    active_generation: int | None
+    reload_in_progress: bool
+    stopping: bool
+    generations: list[dict[str, Any]]
+    listeners: list[dict[str, Any]]
+    reloads: list[dict[str, Any]]
+    restarts_last_minute: int
+    crash_loop: bool
+    warnings: list[str]
+    summary: str
+    handoff: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer to send, and what to do once it is on its way (``nodrop
+    reexec`` answers first, then replaces the program)."""
+
+    body: dict[str, Any]
+    after: Callable[[], None] | None = None
+
+
+class ControlTarget(Protocol):
+    """What the control socket may do to a supervisor."""
+
+    async def reload_and_wait(self, wait: Wait = "ready") -> ReloadOutcome: ...
+
+    def status(self) -> StatusReply: ...
+
+    async def stop_and_wait(self) -> None: ...
+
+    def reexec_refusal(self) -> str | None:
+        """Why ``nodrop reexec`` cannot happen now, or None if it can."""
+
+    def reexec(self) -> None:
+        """Replace the program now (returns only if that failed)."""
+
+
+def message(ok: bool, text: str) -> dict[str, Any]:
+    return {"ok": ok, "message": text}
+
+
+async def handle(target: ControlTarget, request: ControlRequest) -> Reply:
     """Answer one control request (already validated by the control socket)."""
     cmd = request["cmd"]
     if cmd == "reload":
-        outcome = await sup.reload_and_wait(request.get("wait", "ready"))
-        return outcome.to_dict()
+        outcome = await target.reload_and_wait(request.get("wait", "ready"))
+        return Reply(outcome.to_dict())
     if cmd == "status":
-        return {"ok": True, **status(sup)}
+        return Reply({"ok": True, **target.status()})
     if cmd == "reexec":
-        if sup._current is not None or sup._stopping:
-            return {
-                "ok": False,
-                "message": "a reload is in progress or the supervisor is stopping; try again",
-            }
-        try:
-            reexec.snapshot(sup)  # refuse now, with the reason, if it cannot work
-        except NodropError as exc:
-            return {"ok": False, "message": str(exc)}
-        sup.log("re-executing the supervisor's program (nodrop reexec)")
-        return {"ok": True, "message": "re-executing", "_after": lambda: _reexec(sup)}
+        why = target.reexec_refusal()
+        if why is not None:
+            return Reply(message(False, why))
+        return Reply(message(True, "re-executing"), after=target.reexec)
     if cmd == "stop":
-        sup.stop()
-        assert sup._stopped is not None
-        await asyncio.shield(sup._stopped)
-        return {"ok": True, "message": "stopped: every generation has exited"}
-    return {"ok": False, "message": f"{cmd} is not supported by this supervisor"}
-
-
-def _reexec(sup: Supervisor) -> None:
-    try:
-        reexec.execute(sup)
-    except NodropError as exc:
-        sup.warn(str(exc))
-
-
-def restarts_last_minute(sup: Supervisor, now: float) -> int:
-    return sum(1 for t in sup._restart_times if now - t < CRASH_LOOP_WINDOW)
-
-
-def status(sup: Supervisor) -> dict[str, Any]:
-    """Everything `nodrop status` shows."""
-    now = time.monotonic()
-    restarts = restarts_last_minute(sup, now)
-    return {
-        "pid": os.getpid(),
-        "uptime": round(now - sup.started, 3),
-        "reexecs": sup.reexecs,
-        "strategy": sup.config.strategy.value,
-        "control": sup.control_path,
-        "active_generation": None if sup.active is None else sup.active.number,
-        "reload_in_progress": sup._current is not None,
-        "stopping": sup._stopping,
-        "generations": [g.to_dict(now) for g in sup.generations],
-        "listeners": sup.listeners.status(),
-        "reloads": [o.to_dict() for o in sup.history],
-        "restarts_last_minute": restarts,
-        "crash_loop": restarts >= CRASH_LOOP_RESTARTS,
-        "warnings": list(sup.listeners.warnings()) + list(sup.warnings_log),
-        "summary": sup._status_line(),
-        "handoff": None if sup.broker is None else getattr(sup.broker, "stats", dict)(),
-    }
+        await target.stop_and_wait()
+        return Reply(message(True, "stopped: every generation has exited"))
+    return Reply(message(False, f"{cmd} is not supported by this supervisor"))

@@ -18,15 +18,16 @@ import json
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, cast
 
 from nodrop.errors import ControlError, PeerDeniedError
 from nodrop.kernel.fdpass import check_peer
+from nodrop.supervisor.api import ControlRequest, Reply
 
 MAX_REQUEST = 64 * 1024
 COMMANDS = ("reload", "status", "stop", "reexec")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[ControlRequest], Awaitable[Reply]]
 
 
 def default_control_path(name: str = "nodrop") -> str:
@@ -48,7 +49,7 @@ def default_control_path(name: str = "nodrop") -> str:
     return os.path.join(base, f"{name}.sock")
 
 
-def parse_request(line: bytes) -> dict[str, Any]:
+def parse_request(line: bytes) -> ControlRequest:
     """Decode one request (pure). Raises ControlError."""
     try:
         request = json.loads(line)
@@ -58,7 +59,7 @@ def parse_request(line: bytes) -> dict[str, Any]:
         raise ControlError(f"unknown command; expected one of {', '.join(COMMANDS)}")
     if request.get("wait", "ready") not in ("ready", "drained"):
         raise ControlError("wait must be 'ready' or 'drained'")
-    return request
+    return cast(ControlRequest, request)
 
 
 def bind_control(path: str) -> socket.socket:
@@ -127,11 +128,10 @@ class ControlServer:
             except (ValueError, ControlError) as exc:  # ValueError: line over the limit
                 await _reply(writer, {"ok": False, "message": f"bad request: {exc}"})
                 return
-            response = await self._handler(request)
-            after = response.pop("_after", None)
-            await _reply(writer, response)
-            if after is not None:
-                after()  # e.g. re-exec, once the answer is on its way
+            reply = await self._handler(request)
+            await _reply(writer, reply.body)
+            if reply.after is not None:
+                reply.after()  # e.g. re-exec, once the answer is on its way
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -46,6 +46,13 @@ class ListenerProvider(Protocol):
 
     def close(self) -> None: ...
 
+    kind: str
+    """The strategy's name, as a re-exec state records it."""
+
+    def export_state(self) -> tuple[dict[str, Any], list[HeldSocket], list[int]]:
+        """For ``nodrop reexec``: the strategy's state, every socket it holds
+        (the state refers to them by index) and any other fds to keep open."""
+
 
 def describe(held: HeldSocket) -> dict[str, Any]:
     ident = held.identity
@@ -65,6 +72,8 @@ def describe(held: HeldSocket) -> dict[str, Any]:
 
 class InheritListeners:
     """One set of sockets, held by the supervisor for its whole life."""
+
+    kind = "inherit"
 
     def __init__(self, inherited: Sequence[HeldSocket] = ()) -> None:
         # Sockets from our own service manager (systemd socket activation)
@@ -123,7 +132,7 @@ class InheritListeners:
         self._registry.sockets = []
 
     # -- across `nodrop reexec` ------------------------------------------------
-    def export_state(self) -> tuple[dict[str, Any], list[HeldSocket]]:
+    def export_state(self) -> tuple[dict[str, Any], list[HeldSocket], list[int]]:
         """What a re-executed supervisor needs: every held socket (by index
         into the returned list) and which are current and inherited."""
         held = list(self._held)
@@ -132,7 +141,7 @@ class InheritListeners:
             "current": [index[id(h)] for h in self._registry.sockets],
             "inherited": [index[id(h)] for h in self._inherited if id(h) in index],
         }
-        return state, held
+        return state, held, []
 
     @classmethod
     def from_state(cls, state: dict[str, Any], held: list[HeldSocket]) -> InheritListeners:

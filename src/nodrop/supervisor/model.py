@@ -1,12 +1,18 @@
-"""Generations and workers: the supervisor's state, as plain data.
+"""Generations and workers: the supervisor's state.
 
 A *generation* is the set of N workers started from one config; a reload
 starts generation n+1 and, once every worker of it is ready, drains n.
+Each :class:`Generation` owns its runtime state too: an event set on every
+change (what readiness waits on), a future resolved when it has exited, and
+its drain-timeout timer. The supervisor sends the signals; the generation
+keeps the books.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -87,12 +93,60 @@ class Generation:
     drain_started: float | None = None
     exited_at: float | None = None
     note: str = ""
+    changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    """Set on every change to the generation or its workers."""
+    kill_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _exited: asyncio.Future[float] | None = field(default=None, repr=False)
 
     def live_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.state is not WorkerState.EXITED]
 
     def all_ready(self) -> bool:
         return bool(self.workers) and all(w.state is WorkerState.READY for w in self.workers)
+
+    @property
+    def finished(self) -> bool:
+        """Exited or failed, and no worker left."""
+        return self.state in (GenState.EXITED, GenState.FAILED) and not self.live_workers()
+
+    def poke(self) -> None:
+        self.changed.set()
+
+    def mark_ready(self, worker: Worker, now: float) -> None:
+        worker.state = WorkerState.READY
+        worker.ready_at = now
+        self.poke()
+
+    def begin_drain(self, now: float, note: str = "", failed: bool = False) -> bool:
+        """Enter DRAINING (or FAILED); False if it drains or exited already."""
+        if self.drain_started is not None or self.state is GenState.EXITED:
+            return False
+        self.state = GenState.FAILED if failed else GenState.DRAINING
+        self.drain_started = now
+        if note:
+            self.note = note
+        for worker in self.live_workers():
+            worker.state = WorkerState.DRAINING
+        return True
+
+    def finish(self, now: float) -> None:
+        """Every worker has exited: record it, stop the timer, wake waiters."""
+        if self.state is not GenState.FAILED:
+            self.state = GenState.EXITED
+        self.exited_at = now
+        if self.kill_timer is not None:
+            self.kill_timer.cancel()
+            self.kill_timer = None
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(now)
+
+    async def wait_exited(self) -> float:
+        """When every worker of this generation has exited (monotonic time)."""
+        if self.exited_at is not None and not self.live_workers():
+            return self.exited_at
+        if self._exited is None:
+            self._exited = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(self._exited)
 
     def to_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -127,6 +181,9 @@ class ReloadOutcome:
     @property
     def duration(self) -> float:
         return self.finished - self.started
+
+    def with_old_exited(self, when: float) -> ReloadOutcome:
+        return dataclasses.replace(self, old_exited=when)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -81,8 +81,7 @@ class TaggedStream:
 class WorkerOutput:
     """The tagged stdout/stderr streams of every worker, by pid."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, enabled: bool = True) -> None:
-        self._loop = loop
+    def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._streams: dict[int, list[TaggedStream]] = {}
 
@@ -99,9 +98,10 @@ class WorkerOutput:
         if len(read_fds) != 2:
             return
         tag = f"[{label}]"
+        loop = asyncio.get_running_loop()
         self._streams[pid] = [
-            TaggedStream(self._loop, read_fds[0], tag, sys.stdout.buffer),
-            TaggedStream(self._loop, read_fds[1], tag, sys.stderr.buffer, on_stderr),
+            TaggedStream(loop, read_fds[0], tag, sys.stdout.buffer),
+            TaggedStream(loop, read_fds[1], tag, sys.stderr.buffer, on_stderr),
         ]
 
     def fds(self, pid: int) -> list[int]:

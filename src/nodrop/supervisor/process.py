@@ -1,17 +1,19 @@
 """The OS seam: spawning workers, signalling them, reaping them.
 
 Everything the supervisor does to processes goes through :class:`Processes`,
-so tests could substitute a fake whose exits and signals they control; the
-real one is :class:`OsProcesses`.
+so tests substitute a fake whose exits and signals they control
+(:class:`nodrop.testing.fakes.FakeProcesses`); the real one is
+:class:`OsProcesses`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from nodrop.systemd.spawn import spawn
@@ -37,6 +39,12 @@ class Processes(Protocol):
     def reap(self) -> list[tuple[int, int]]: ...
 
     def group_of(self, pid: int) -> int | None: ...
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
+        """Call ``on_exit`` on ``loop`` whenever a child may have exited
+        (then :meth:`reap` tells which)."""
+
+    def unwatch(self, loop: asyncio.AbstractEventLoop) -> None: ...
 
 
 class OsProcesses:
@@ -77,6 +85,12 @@ class OsProcesses:
             return os.getpgid(pid)
         except ProcessLookupError:
             return None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
+        loop.add_signal_handler(signal.SIGCHLD, on_exit)
+
+    def unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_signal_handler(signal.SIGCHLD)
 
 
 def become_subreaper() -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 from nodrop.supervisor.config import ReadyMode
 from nodrop.supervisor.model import Generation, WorkerState
@@ -47,28 +48,29 @@ def not_ready_message(gen: Generation, timeout: float) -> str:
 
 
 async def wait_ready(
-    gen: Generation, changed: asyncio.Event, timeout: float, grace: float
+    gen: Generation, timeout: float, grace: float, clock: Callable[[], float] = time.monotonic
 ) -> str | None:
     """None when every worker is ready and stayed up ``grace`` seconds, else
-    why not. ``changed`` is set by the supervisor on every change to ``gen``."""
-    deadline = time.monotonic() + timeout
+    why not. Wakes on ``gen.changed``, which the supervisor sets on every
+    change to ``gen``; ``clock`` is the supervisor's."""
+    deadline = clock() + timeout
     stable_at: float | None = None
     while True:
         if gen.note:
             return f"generation {gen.number}: {gen.note}"
-        failure = exit_failure(gen, time.monotonic())
+        failure = exit_failure(gen, clock())
         if failure is not None:
             return failure
         if gen.all_ready():
             if stable_at is None:
-                stable_at = time.monotonic() + grace
-            remaining = stable_at - time.monotonic()
+                stable_at = clock() + grace
+            remaining = stable_at - clock()
             if remaining <= 0:
                 return None
         else:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - clock()
             if remaining <= 0:
                 return not_ready_message(gen, timeout)
-        changed.clear()
+        gen.changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), remaining)
+            await asyncio.wait_for(gen.changed.wait(), remaining)

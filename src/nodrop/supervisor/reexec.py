@@ -5,36 +5,38 @@ To upgrade nodrop itself, the supervisor ``exec``s the (possibly new)
 its children and systemd keeps tracking it; the listening sockets, the notify
 socket, the control socket and the workers' output pipes are kept open across
 ``exec`` (close-on-exec cleared for them only); the rest of its state travels
-as JSON in a memfd named by ``$NODROP_REEXEC_STATE``.
+as JSON (:class:`ReexecState`) in a memfd named by ``$NODROP_REEXEC_STATE``.
 
 Signals that would otherwise kill or confuse the process in the window
 between ``exec`` and the new handlers (HUP, TERM, INT, USR1, CHLD) are blocked
 before ``exec`` -- the mask survives it -- and unblocked by the new process
 once its handlers are in place, so a signal sent meanwhile is delivered then,
 not lost.
+
+This module knows the state's shape and how to carry it; the supervisor
+builds it (``Supervisor.reexec_state``) and adopts it (``Supervisor.run``
+with a :class:`Resume`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
 from nodrop.errors import NodropError
 from nodrop.listeners.held import HeldSocket
-from nodrop.supervisor.config import config_from_dict, config_to_dict
+from nodrop.listeners.spec import parse_spec
+from nodrop.supervisor.config import RunConfig, config_from_dict, config_to_dict
+from nodrop.supervisor.generations import GenerationSet
 from nodrop.supervisor.inherit_listeners import InheritListeners, ListenerProvider
 from nodrop.supervisor.model import Generation, GenState, ReloadOutcome, Worker, WorkerState
-
-if TYPE_CHECKING:
-    from nodrop.supervisor.supervisor import Supervisor
+from nodrop.systemd.receiver import NotifyReceiver
 
 STATE_ENV = "NODROP_REEXEC_STATE"
 STATE_VERSION = 1
@@ -47,7 +49,70 @@ class ReexecError(NodropError):
     pass
 
 
-def _worker_dict(worker: Worker, streams: list[int]) -> dict[str, Any]:
+class WorkerRecord(TypedDict):
+    generation: int
+    index: int
+    pid: int
+    state: str
+    started: float
+    ready_at: float | None
+    exit_code: int | None
+    restarts: int
+    status: str
+    stderr_tail: list[str]
+    streams: list[int]
+
+
+class GenerationRecord(TypedDict):
+    number: int
+    state: str
+    config: dict[str, Any]
+    listeners: list[int]
+    workers: list[WorkerRecord]
+    started: float
+    ready_at: float | None
+    drain_started: float | None
+    exited_at: float | None
+    note: str
+
+
+class HeldRecord(TypedDict):
+    fd: int
+    name: str
+    spec: str | None
+
+
+class SocketRecord(TypedDict):
+    fd: int
+    path: str
+
+
+class NotifyRecord(SocketRecord):
+    dir: str | None
+
+
+class ReexecState(TypedDict):
+    """Everything the next program needs (JSON in a memfd)."""
+
+    version: int
+    config: dict[str, Any]
+    listeners: dict[str, Any]
+    listeners_kind: str
+    held: list[HeldRecord]
+    generations: list[GenerationRecord]
+    active: int | None
+    next_number: int
+    history: list[dict[str, Any]]
+    warnings: list[str]
+    started: float
+    reexecs: int
+    notify: NotifyRecord
+    control: SocketRecord
+    service_notify: str | None
+    broker: dict[str, Any] | None
+
+
+def worker_state(worker: Worker, streams: list[int]) -> WorkerRecord:
     return {
         "generation": worker.generation,
         "index": worker.index,
@@ -63,7 +128,7 @@ def _worker_dict(worker: Worker, streams: list[int]) -> dict[str, Any]:
     }
 
 
-def _worker_from(data: dict[str, Any]) -> Worker:
+def _worker_from(data: WorkerRecord) -> Worker:
     worker = Worker(
         data["generation"],
         data["index"],
@@ -79,89 +144,93 @@ def _worker_from(data: dict[str, Any]) -> Worker:
     return worker
 
 
-def snapshot(sup: Supervisor) -> tuple[dict[str, Any], list[int]]:
-    """Everything the next program needs, and the fds it must inherit."""
-    from nodrop.supervisor.reuseport_listeners import ReuseportListeners
+def generation_state(
+    gen: Generation, listener_index: dict[int, int], workers: list[WorkerRecord]
+) -> GenerationRecord:
+    """``listener_index`` maps ``id(held socket)`` to its place in ``held``."""
+    return {
+        "number": gen.number,
+        "state": gen.state.value,
+        "config": config_to_dict(gen.config),
+        "listeners": [listener_index[id(h)] for h in gen.listeners if id(h) in listener_index],
+        "workers": workers,
+        "started": gen.started,
+        "ready_at": gen.ready_at,
+        "drain_started": gen.drain_started,
+        "exited_at": gen.exited_at,
+        "note": gen.note,
+    }
 
-    assert sup.notify is not None and sup.control is not None
+
+def held_state(held: Sequence[HeldSocket]) -> list[HeldRecord]:
+    return [
+        {"fd": h.fileno(), "name": h.name, "spec": None if h.spec is None else h.spec.text}
+        for h in held
+    ]
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What the supervisor carries besides its sockets and generations."""
+
+    config: RunConfig
+    history: list[dict[str, Any]]
+    warnings: list[str]
+    started: float
+    reexecs: int
+    control_path: str
+    service_notify: str | None
+
+
+def snapshot(
+    carried: Carried,
+    listeners: ListenerProvider,
+    gens: GenerationSet,
+    notify: NotifyReceiver,
+    control_fd: int,
+    broker: tuple[dict[str, Any], list[int]] | None,
+) -> tuple[ReexecState, list[int]]:
+    """The state for the next program, and the fds it must inherit."""
     fds: list[int] = []
-    broker_state: dict[str, Any] | None = None
-    if sup.broker is not None:
-        export = getattr(sup.broker, "export_state", None)
-        if export is None:
-            raise ReexecError(f"nodrop reexec cannot carry {type(sup.broker).__name__}")
-        try:
-            broker_state, broker_fds = export()
-        except NodropError as exc:
-            raise ReexecError(str(exc)) from exc
-        fds.extend(broker_fds)
-    if isinstance(sup.listeners, InheritListeners):
-        kind = "inherit"
-        listeners_state, held = sup.listeners.export_state()
-    elif isinstance(sup.listeners, ReuseportListeners):
-        kind = "reuseport"
-        listeners_state, held, extra = sup.listeners.export_state()
-        fds.extend(extra)
-    else:
-        raise ReexecError(f"nodrop reexec cannot carry {type(sup.listeners).__name__}")
+    if broker is not None:
+        fds.extend(broker[1])
+    listeners_state, held, extra = listeners.export_state()
+    fds.extend(extra)
     index = {id(h): i for i, h in enumerate(held)}
     fds.extend(h.fileno() for h in held)
     generations = []
-    for gen in sup.generations:
+    for gen in gens.all:
         workers = []
         for worker in gen.workers:
-            streams = sup.output.fds(worker.pid) if sup.output is not None else []
-            if worker.state is not WorkerState.EXITED:
-                fds.extend(streams)
-            else:
-                streams = []
-            workers.append(_worker_dict(worker, streams))
-        generations.append(
-            {
-                "number": gen.number,
-                "state": gen.state.value,
-                "config": config_to_dict(gen.config),
-                "listeners": [index[id(h)] for h in gen.listeners if id(h) in index],
-                "workers": workers,
-                "started": gen.started,
-                "ready_at": gen.ready_at,
-                "drain_started": gen.drain_started,
-                "exited_at": gen.exited_at,
-                "note": gen.note,
-            }
-        )
-    fds.extend([sup.notify.fileno(), sup.control.sock.fileno()])
-    state = {
+            streams = gens.output_fds(worker)
+            fds.extend(streams)
+            workers.append(worker_state(worker, streams))
+        generations.append(generation_state(gen, index, workers))
+    fds.extend([notify.fileno(), control_fd])
+    state: ReexecState = {
         "version": STATE_VERSION,
-        "config": config_to_dict(sup.config),
+        "config": config_to_dict(carried.config),
         "listeners": listeners_state,
-        "listeners_kind": kind,
-        "held": [
-            {"fd": h.fileno(), "name": h.name, "spec": None if h.spec is None else h.spec.text}
-            for h in held
-        ],
+        "listeners_kind": listeners.kind,
+        "held": held_state(held),
         "generations": generations,
-        "active": None if sup.active is None else sup.active.number,
-        "next_number": sup._next_number,
-        "history": [o.to_dict() for o in sup.history],
-        "warnings": list(sup.warnings_log),
-        "started": sup.started,
-        "reexecs": sup.reexecs + 1,
-        "notify": {
-            "fd": sup.notify.fileno(),
-            "path": sup.notify.path,
-            "dir": sup.notify.private_dir,
-        },
-        "control": {"fd": sup.control.sock.fileno(), "path": sup.control_path},
-        "service_notify": sup._service_notify,
-        "broker": broker_state,
+        "active": None if gens.active is None else gens.active.number,
+        "next_number": gens.next_number,
+        "history": carried.history,
+        "warnings": carried.warnings,
+        "started": carried.started,
+        "reexecs": carried.reexecs + 1,
+        "notify": {"fd": notify.fileno(), "path": notify.path, "dir": notify.private_dir},
+        "control": {"fd": control_fd, "path": carried.control_path},
+        "service_notify": carried.service_notify,
+        "broker": None if broker is None else broker[0],
     }
     return state, fds
 
 
-def execute(sup: Supervisor) -> None:
-    """Exec the new program with our state. Returns only by raising."""
-    state, fds = snapshot(sup)
+def execute(state: ReexecState, fds: Sequence[int]) -> None:
+    """Exec the new program with ``state``, keeping ``fds`` open across it.
+    Returns only by raising."""
     data = json.dumps(state).encode()
     memfd = os.memfd_create("nodrop-reexec-state", 0)  # no MFD_CLOEXEC: it must survive exec
     try:
@@ -170,8 +239,8 @@ def execute(sup: Supervisor) -> None:
         for fd in fds:
             os.set_inheritable(fd, True)
         env = dict(os.environ, **{STATE_ENV: str(memfd)})
-        if sup._service_notify:
-            env["NOTIFY_SOCKET"] = sup._service_notify
+        if state["service_notify"]:
+            env["NOTIFY_SOCKET"] = state["service_notify"]
         argv = [sys.executable, "-m", "nodrop", *sys.argv[1:]]
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         sys.stdout.flush()
@@ -186,7 +255,7 @@ def execute(sup: Supervisor) -> None:
         os.close(memfd)
 
 
-def load_state() -> dict[str, Any] | None:
+def load_state() -> ReexecState | None:
     """The state a previous program left us, if we are a re-execution."""
     value = os.environ.pop(STATE_ENV, None)
     if value is None:
@@ -194,7 +263,7 @@ def load_state() -> dict[str, Any] | None:
     fd = int(value)
     try:
         with os.fdopen(fd, "rb") as f:
-            state: dict[str, Any] = json.loads(f.read())
+            state: ReexecState = json.loads(f.read())
     except (OSError, ValueError) as exc:
         raise ReexecError(f"cannot read the state of the previous program: {exc}") from exc
     if state.get("version") != STATE_VERSION:
@@ -211,22 +280,20 @@ def adopt_socket(fd: int) -> socket.socket:
 class Resume:
     """A previous program's state, with its sockets adopted."""
 
-    state: dict[str, Any]
+    state: ReexecState
     generations: list[tuple[Generation, list[tuple[Worker, list[int]]]]]
 
 
 def restore(
-    state: dict[str, Any], log: Callable[[str], None] = lambda _m: None
+    state: ReexecState, log: Callable[[str], None] = lambda _m: None
 ) -> tuple[ListenerProvider, Resume]:
     listeners, held = restore_listeners(state, log)
     return listeners, Resume(state, restore_generations(state, held))
 
 
 def restore_listeners(
-    state: dict[str, Any], log: Callable[[str], None] = lambda _m: None
+    state: ReexecState, log: Callable[[str], None] = lambda _m: None
 ) -> tuple[ListenerProvider, list[HeldSocket]]:
-    from nodrop.listeners.spec import parse_spec
-
     held = [
         HeldSocket.adopt(
             adopt_socket(item["fd"]),
@@ -246,7 +313,7 @@ def restore_listeners(
 
 
 def restore_generations(
-    state: dict[str, Any], held: list[HeldSocket]
+    state: ReexecState, held: list[HeldSocket]
 ) -> list[tuple[Generation, list[tuple[Worker, list[int]]]]]:
     out = []
     for data in state["generations"]:
@@ -283,41 +350,3 @@ def outcome_from(data: dict[str, Any]) -> ReloadOutcome:
         tuple(data["old_generations"]),
         data["old_exited"],
     )
-
-
-def adopt(sup: Supervisor, resume: Resume) -> None:
-    """Make ``sup`` take over what the previous program ran."""
-    assert sup._loop is not None
-    state = resume.state
-    sup._next_number = state["next_number"]
-    sup.history.extend(outcome_from(o) for o in state["history"])
-    sup.warnings_log.extend(state["warnings"])
-    sup.started = state["started"]
-    sup.reexecs = state["reexecs"]
-    now = time.monotonic()
-    for gen, workers in resume.generations:
-        sup.generations.append(gen)
-        sup._changed[gen.number] = asyncio.Event()
-        sup._drained[gen.number] = sup._loop.create_future()
-        if gen.state is GenState.ACTIVE:
-            sup.active = gen
-        for worker, streams in workers:
-            if worker.state is WorkerState.EXITED:
-                continue
-            sup._workers[worker.pid] = (worker, gen)
-            if sup.output is not None:
-                sup.output.attach(worker.pid, worker.label, streams, worker.stderr_tail.append)
-        if gen.drain_started is not None and gen.live_workers():
-            left = gen.drain_started + gen.config.drain_timeout - now
-            sup._kill_timers[gen.number] = sup._loop.call_later(
-                max(0.0, left), sup._drain_timeout, gen
-            )
-        elif gen.state in (GenState.EXITED, GenState.FAILED) and not gen.live_workers():
-            sup._drained[gen.number].set_result(gen.exited_at or now)
-    # Children that exited while we were exec'ing are reaped now; restarts
-    # that were pending are scheduled again.
-    sup._on_sigchld()
-    if sup.active is not None:
-        for worker in sup.active.workers:
-            if worker.state is WorkerState.EXITED:
-                sup._schedule_restart(sup.active, worker)

@@ -73,6 +73,8 @@ class ReuseportListeners:
         ConfigError: a forced method is unavailable.
     """
 
+    kind = "reuseport"
+
     def __init__(
         self,
         config: RunConfig,
@@ -228,7 +230,7 @@ class ReuseportListeners:
     def export_state(self) -> tuple[dict[str, Any], list[HeldSocket], list[int]]:
         """State, held sockets (shared ones first, then our per-generation
         copies) and the extra fds to keep (each steering's map and program)."""
-        unix_state, shared = self._unix.export_state()
+        unix_state, shared, _ = self._unix.export_state()
         held = shared + [h for h in self._ours if h not in shared]
         index = {id(h): i for i, h in enumerate(held)}
         steering = [[[*list(key[:3]), list(key[3])], *st.fds] for key, st in self._steering.items()]
