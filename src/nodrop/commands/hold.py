@@ -81,7 +81,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from nodrop.errors import HolderError
     from nodrop.holder import ops
-    from nodrop.holder.daemon import Holder, HolderConfig
+    from nodrop.holder.config import HolderConfig
+    from nodrop.holder.daemon import Holder
     from nodrop.systemd.notify import notify
 
     ttl_max = args.ttl_max if args.ttl_max is not None else ops.DEFAULT_TTL_MAX

@@ -20,7 +20,8 @@ from nodrop.holder.client import (
     release,
     spawn_holder,
 )
-from nodrop.holder.daemon import Holder, HolderConfig
+from nodrop.holder.config import HolderConfig
+from nodrop.holder.daemon import Holder
 
 __all__ = [
     "ClaimResult",

@@ -17,15 +17,12 @@ when the claimant's ``ok`` arrives; any other ending puts it back.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import os
 import selectors
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from nodrop.errors import HolderError, NodropError, PeerDeniedError, ProtocolError
@@ -40,114 +37,17 @@ from nodrop.fdwire import (
     refuse,
 )
 from nodrop.holder import ops
+from nodrop.holder.config import EMPTY_GRACE, HolderConfig, Log
+from nodrop.holder.fdstore import store_datagram
+from nodrop.holder.peer import Peer, PeerState
+from nodrop.holder.store import ParkedStore, summary
 from nodrop.kernel.fdpass import (
     MAX_FDS_PER_MESSAGE,
-    Credentials,
     check_peer,
     recv_with_fds,
     send_with_fds,
 )
-from nodrop.listeners.identity import SocketIdentity, identify
 from nodrop.systemd.receiver import NotifyReceiver
-
-DEFAULT_PEER_TIMEOUT = 10.0
-"""Seconds a peer may take between two messages of one request."""
-DEFAULT_IDLE_TIMEOUT = 60.0
-"""Seconds an idle connection is kept."""
-DEFAULT_MAX_PEERS = 64
-EMPTY_GRACE = 10.0
-"""With ``exit_when_empty``: how long a holder that never held anything waits."""
-
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class HolderConfig:
-    """How a holder runs.
-
-    Attributes:
-        path: its handoff socket, absolute or ``@abstract``.
-        mode: file mode of the socket (a filesystem path only).
-        allowed_uids: uids besides our own that may connect.
-        allow_abstract: accept an ``@name`` path (no file permissions).
-        ttl_default: seconds a deposit without a ttl is held.
-        ttl_max: the longest ttl granted.
-        max_held: most sockets held at once.
-        fdstore_path: also accept systemd ``FDSTORE=1`` datagrams here.
-        exit_when_empty: stop once nothing is held (for on-demand holders).
-        peer_timeout: seconds allowed between messages of one request.
-    """
-
-    path: str
-    mode: int = 0o600
-    allowed_uids: frozenset[int] = frozenset()
-    allow_abstract: bool = False
-    ttl_default: float = ops.DEFAULT_TTL
-    ttl_max: float = ops.DEFAULT_TTL_MAX
-    max_held: int = ops.DEFAULT_MAX_HELD
-    fdstore_path: str | None = None
-    exit_when_empty: bool = False
-    peer_timeout: float = DEFAULT_PEER_TIMEOUT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    max_peers: int = DEFAULT_MAX_PEERS
-
-
-@dataclass(eq=False)
-class Parked:
-    """One socket the holder keeps."""
-
-    id: int
-    name: str
-    sock: socket.socket
-    identity: SocketIdentity
-    inode: tuple[int, int]
-    expires_at: float
-    depositor: Credentials
-    via: str
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def describe(self, now: float) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "identity": str(self.identity),
-            "wire": self.identity.to_wire(),
-            "inode": self.inode[1],
-            "expires_in": round(max(0.0, self.expires_at - now), 3),
-            "depositor": {"pid": self.depositor.pid, "uid": self.depositor.uid},
-            "via": self.via,
-        }
-
-
-class PeerState(enum.Enum):
-    IDLE = "idle"
-    RECEIVING = "receiving"  # a deposit's transfer is arriving
-    SENDING = "sending"  # a claim's transfer is going out, then we await ok
-
-
-@dataclass(eq=False)
-class Peer:
-    sock: socket.socket
-    creds: Credentials
-    deadline: float
-    state: PeerState = PeerState.IDLE
-    ttl: float = 0.0
-    incoming: Assembly | None = None
-    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
-    claimed: list[Parked] = field(default_factory=list)
-    close_after_flush: bool = False
-
-    def drop_incoming(self) -> None:
-        if self.incoming is not None:
-            self.incoming.transfer.close()
-        self.incoming = None
-
-    def pending(self) -> int:
-        """Sockets this peer holds in flight: half-deposited or being claimed."""
-        received = 0 if self.incoming is None else len(self.incoming.transfer.sockets)
-        return received + len(self.claimed)
 
 
 def _stderr_log(line: str) -> None:
@@ -173,14 +73,12 @@ class Holder:
         self.config = config
         self.log = log
         self.clock = clock
-        self.parked: dict[int, Parked] = {}
+        self.store = ParkedStore()
         self.peers: dict[int, Peer] = {}
-        self._next_id = 1
         self._listener: socket.socket | None = None
         self._fdstore: NotifyReceiver | None = None
         self._selector = selectors.DefaultSelector()
         self._stopping = False
-        self._ever_held = False
         self._started = clock()
         # stop() may run in a signal handler: a byte on this pipe wakes the
         # select(), which PEP 475 would otherwise resume with its old timeout.
@@ -279,17 +177,17 @@ class Holder:
         self._expire(self.clock())
 
     def _should_exit_empty(self, now: float) -> bool:
-        if not self.config.exit_when_empty or self.parked or self.peers:
+        if not self.config.exit_when_empty or self.store or self.peers:
             return False
-        return self._ever_held or now - self._started >= EMPTY_GRACE
+        return self.store.ever_held or now - self._started >= EMPTY_GRACE
 
     def _next_timeout(self, now: float, until: float | None) -> float:
         times = [now + 60.0]
-        times.extend(h.expires_at for h in self.parked.values())
+        times.extend(self.store.expiries())
         times.extend(p.deadline for p in self.peers.values())
         if until is not None:
             times.append(until)
-        if self.config.exit_when_empty and not self._ever_held:
+        if self.config.exit_when_empty and not self.store.ever_held:
             times.append(self._started + EMPTY_GRACE)
         return max(0.0, min(times) - now)
 
@@ -322,8 +220,7 @@ class Holder:
         """Forget a peer: its half-received fds are closed, its pending claim
         goes back to the held set, and it is told ``reason`` if it still listens."""
         peer.drop_incoming()
-        for item in peer.claimed:
-            self.parked[item.id] = item
+        self.store.put_back(peer.claimed)
         if peer.claimed:
             self.log(
                 f"nodrop hold: claim by pid {peer.creds.pid} not acknowledged; "
@@ -392,7 +289,7 @@ class Holder:
         elif isinstance(request, ops.Claim):
             self._claim(peer, request.selector)
         elif isinstance(request, ops.ListParked):
-            self._reply(peer, self._list_reply())
+            self._reply(peer, self.store.list_reply(self.clock()))
         else:
             self._reply(peer, {"op": "ok", "released": self._release(request.selector, peer)})
         if peer.state is PeerState.IDLE:
@@ -422,7 +319,7 @@ class Holder:
     # -- deposit -------------------------------------------------------------
     def _deposit_chunk(self, peer: Peer, data: bytes, fds: list[int]) -> None:
         if peer.incoming is None:
-            room = self.config.max_held - len(self.parked) - self._pending()
+            room = self.config.max_held - len(self.store) - self._pending()
             peer.incoming = Assembly(max_total=max(0, room))
         assembly = peer.incoming
         try:
@@ -462,44 +359,16 @@ class Holder:
             raise ProtocolError(f"a deposited fd is not a socket: {exc.strerror}") from exc
         peer.incoming = None
         expires = self.clock() + peer.ttl
-        ids = [self._add(sock, name, expires, peer.creds, "handoff") for sock, name in adopted]
+        ids = [self.store.add(sock, name, expires, peer.creds, "handoff") for sock, name in adopted]
         self.log(
             f"nodrop hold: pid {peer.creds.pid} deposited {len(ids)} socket(s) "
-            f"for {peer.ttl:g}s: {_summary(self.parked[i] for i in ids if i in self.parked)}"
+            f"for {peer.ttl:g}s: {summary(self.store.items[i] for i in ids if i in self.store.items)}"
         )
         return ids
 
-    def _add(
-        self, sock: socket.socket, name: str, expires: float, creds: Credentials, via: str
-    ) -> int:
-        """Hold ``sock``; the same kernel socket deposited again refreshes the
-        held one (its name and expiry) instead of being held twice."""
-        st = os.fstat(sock.fileno())
-        inode = (st.st_dev, st.st_ino)
-        for item in self.parked.values():
-            if item.inode == inode:
-                sock.close()
-                item.name, item.expires_at, item.depositor = name, expires, creds
-                return item.id
-        try:
-            identity = identify(sock)
-        except OSError as exc:
-            sock.close()
-            raise ProtocolError(f"cannot identify a deposited socket: {exc.strerror}") from exc
-        item = Parked(self._next_id, name, sock, identity, inode, expires, creds, via)
-        self._next_id += 1
-        self.parked[item.id] = item
-        self._ever_held = True
-        return item.id
-
     # -- claim / list / release ---------------------------------------------
-    def _select(self, selector: ops.Selector) -> list[Parked]:
-        return [h for h in self.parked.values() if selector.selects(h.id, h.name, h.identity)]
-
     def _claim(self, peer: Peer, selector: ops.Selector) -> None:
-        chosen = self._select(selector)
-        for item in chosen:
-            del self.parked[item.id]
+        chosen = self.store.take(self.store.select(selector))
         peer.claimed = chosen
         peer.state = PeerState.SENDING
         missing = sorted(selector.names - {h.name for h in chosen})[:64]
@@ -511,7 +380,7 @@ class Holder:
         if peer.claimed:
             self.log(
                 f"nodrop hold: pid {peer.creds.pid} claimed {len(peer.claimed)} socket(s): "
-                f"{_summary(peer.claimed)}"
+                f"{summary(peer.claimed)}"
             )
         for item in peer.claimed:
             item.sock.close()
@@ -519,38 +388,20 @@ class Holder:
         peer.state = PeerState.IDLE
         peer.deadline = self.clock() + self.config.idle_timeout
 
-    def _list_reply(self) -> dict[str, Any]:
-        now = self.clock()
-        entries = [h.describe(now) for h in sorted(self.parked.values(), key=lambda h: h.id)]
-        shown = len(entries)
-        while True:
-            header = {"op": "ok", "sockets": entries[:shown], "more": len(entries) - shown}
-            try:
-                encode(header)
-                return header
-            except ProtocolError:
-                shown //= 2
-
     def _release(self, selector: ops.Selector, peer: Peer) -> int:
-        chosen = self._select(selector)
-        for item in chosen:
-            del self.parked[item.id]
-            item.sock.close()
+        chosen = self.store.discard(self.store.select(selector))
         if chosen:
             self.log(
                 f"nodrop hold: pid {peer.creds.pid} released {len(chosen)} socket(s): "
-                f"{_summary(chosen)}"
+                f"{summary(chosen)}"
             )
         return len(chosen)
 
     # -- expiry ---------------------------------------------------------------
     def _expire(self, now: float) -> None:
-        gone = [h for h in self.parked.values() if h.expires_at <= now]
-        for item in gone:
-            del self.parked[item.id]
-            item.sock.close()
+        gone = self.store.discard(self.store.expired(now))
         if gone:
-            self.log(f"nodrop hold: expired, closed {len(gone)} socket(s): {_summary(gone)}")
+            self.log(f"nodrop hold: expired, closed {len(gone)} socket(s): {summary(gone)}")
         for peer in list(self.peers.values()):
             if peer.deadline <= now:
                 if peer.state is PeerState.IDLE:
@@ -573,58 +424,20 @@ class Holder:
             if note is None:
                 return
             try:
-                self._fdstore_handle(note.pid, note.uid, note.gid, note.fields, note.fds)
+                store_datagram(self.store, self.config, self.clock(), self.log, note)
             except NodropError as exc:
                 self.log(f"nodrop hold: fdstore: pid {note.pid}: {exc}")
             finally:
                 note.close_fds()
-
-    def _fdstore_handle(
-        self, pid: int, uid: int, gid: int, fields: dict[str, str], fds: list[int]
-    ) -> None:
-        """Act on one datagram; fds left in ``fds`` are closed by the caller."""
-        if uid != os.geteuid() and uid not in self.config.allowed_uids:
-            raise PeerDeniedError(f"uid {uid} may not use the fd store")
-        request = ops.parse_fdstore(fields, ttl_max=self.config.ttl_max)
-        creds = Credentials(pid, uid, gid)
-        if isinstance(request, ops.FdStoreRemove):
-            gone = [h for h in self.parked.values() if h.name == request.name]
-            for item in gone:
-                del self.parked[item.id]
-                item.sock.close()
-            self.log(f"nodrop hold: fdstore: pid {pid} removed {len(gone)} {request.name!r}")
-            return
-        if request is None:
-            return
-        if len(self.parked) + len(fds) > self.config.max_held:
-            raise ProtocolError(f"holding {len(self.parked)}; would exceed {self.config.max_held}")
-        ttl = request.ttl if request.ttl is not None else self.config.ttl_default
-        expires = self.clock() + ttl
-        ids = []
-        while fds:
-            fd = fds.pop(0)
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError:
-                os.close(fd)
-                self.log(f"nodrop hold: fdstore: pid {pid} sent an fd that is not a socket")
-                continue
-            ids.append(self._add(sock, request.name, expires, creds, "fdstore"))
-        self.log(
-            f"nodrop hold: fdstore: pid {pid} stored {len(ids)} socket(s) as "
-            f"{request.name!r} for {ttl:g}s"
-        )
 
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
         """Close every peer, every held socket and the holder's own sockets."""
         for peer in list(self.peers.values()):
             self._drop(peer)
-        if self.parked:
-            self.log(f"nodrop hold: stopping; closing {len(self.parked)} held socket(s)")
-        for item in self.parked.values():
-            item.sock.close()
-        self.parked.clear()
+        if self.store:
+            self.log(f"nodrop hold: stopping; closing {len(self.store)} parked socket(s)")
+        self.store.close()
         if self._listener is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(self._listener)
@@ -652,12 +465,6 @@ class Holder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _summary(items: Any) -> str:
-    parts = [f"{h.name}={h.identity}" for h in items]
-    more = f" (+{len(parts) - 8} more)" if len(parts) > 8 else ""
-    return ", ".join(parts[:8]) + more
 
 
 def _in_use(path: str) -> bool:
