@@ -44,10 +44,11 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from typing import Any, Literal, Protocol
 
+from nodrop.connhandoff.loopio import Lingering, LoopIO
+from nodrop.connhandoff.receivers import Receiver, Receivers
 from nodrop.connhandoff.wire import (
     MAX_BATCH,
     Verdict,
@@ -59,7 +60,7 @@ from nodrop.connhandoff.wire import (
 from nodrop.errors import NodropError, ProtocolError
 from nodrop.fdwire import Assembly, Channel, ReceivedSocket, Transfer, listen
 from nodrop.kernel.fdpass import MAX_FDS_PER_MESSAGE, check_peer
-from nodrop.supervisor.model import Generation, GenState, Worker, WorkerState
+from nodrop.supervisor.model import Generation, Worker
 
 DEFAULT_ACK_TIMEOUT = 10.0
 """How long a receiving worker may take to acknowledge a batch."""
@@ -81,20 +82,6 @@ class BrokerHost(Protocol):
     def worker_of(self, pid: int) -> tuple[Worker, Generation] | None: ...
 
     def log(self, message: str) -> None: ...
-
-
-@dataclass(eq=False)
-class _Receiver:
-    channel: Channel
-    pid: int
-    generation: int
-    worker: Worker
-    room: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    replies: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
-    alive: bool = True
-    accepting: bool = True
-    dropped: bool = False
 
 
 class ConnectionBroker:
@@ -125,12 +112,11 @@ class ConnectionBroker:
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: set[Channel] = set()
-        self._receivers: list[_Receiver] = []
+        self._receivers = Receivers()
         self._held: dict[int, Transfer] = {}
-        self._closing: dict[socket.socket, asyncio.TimerHandle] = {}
-        self._watched: set[tuple[int, bool]] = set()
+        self._io = LoopIO()
+        self._lingering = Lingering(linger)
         self._batches = asyncio.Semaphore(MAX_CONCURRENT_BATCHES)
-        self._rotate = 0
         self._closed = False
         self.counts: collections.Counter[str] = collections.Counter()
         self._adopt: dict[str, Any] | None = None
@@ -162,7 +148,7 @@ class ConnectionBroker:
         Raises:
             ProtocolError: a handoff is in progress (try again in a moment).
         """
-        busy = self._held or self._closing or any(r.lock.locked() for r in self._receivers)
+        busy = self._held or self._lingering or any(r.lock.locked() for r in self._receivers)
         givers = len(self._channels) - len(self._receivers)
         if busy or givers:
             raise ProtocolError("a connection handoff is in progress; try again in a moment")
@@ -203,11 +189,11 @@ class ConnectionBroker:
                 continue
             worker, gen = entry
             self._channels.add(channel)
-            receiver = _Receiver(channel, worker.pid, gen.number, worker, item["room"])
+            receiver = Receiver(channel, worker.pid, gen.number, worker, item["room"])
             receiver.accepting = item["accepting"]
             self._spawn(self._serve_adopted(receiver))
 
-    async def _serve_adopted(self, receiver: _Receiver) -> None:
+    async def _serve_adopted(self, receiver: Receiver) -> None:
         try:
             await self._receive_from(receiver)
         except ProtocolError as exc:
@@ -225,12 +211,9 @@ class ConnectionBroker:
             return
         self._closed = True
         loop = self._loop
-        if loop is not None:
-            for fd, write in list(self._watched):
-                (loop.remove_writer if write else loop.remove_reader)(fd)
-            self._watched.clear()
-            if self._listener is not None:
-                loop.remove_reader(self._listener.fileno())
+        self._io.close()
+        if loop is not None and self._listener is not None:
+            loop.remove_reader(self._listener.fileno())
         for task in list(self._tasks):
             task.cancel()
         for transfer in list(self._held.values()):
@@ -239,8 +222,7 @@ class ConnectionBroker:
         for channel in list(self._channels):
             channel.close()
         self._channels.clear()
-        for sock in list(self._closing):
-            self._finish_close(sock)
+        self._lingering.close()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -255,61 +237,15 @@ class ConnectionBroker:
         generation, returned to the giver, closed by the broker, and now."""
         return {
             "path": self.path,
-            "receivers": sum(1 for r in self._receivers if r.alive),
+            "receivers": self._receivers.alive(),
             "given": self.counts["given"],
             "placed": self.counts["placed"],
             "returned": self.counts["returned"],
             "closed": self.counts["closed"],
             "refused_batches": self.counts["refused_batches"],
             "receivers_lost": self.counts["receivers_lost"],
-            "lingering": len(self._closing),
+            "lingering": len(self._lingering),
         }
-
-    # -- non-blocking I/O on the loop ----------------------------------------
-    async def _wait_io(self, sock: socket.socket, write: bool, deadline: float | None) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        fut: asyncio.Future[None] = loop.create_future()
-        fd = sock.fileno()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        (loop.add_writer if write else loop.add_reader)(fd, ready)
-        self._watched.add((fd, write))
-        try:
-            if deadline is None:
-                await fut
-            else:
-                await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-        finally:
-            if (fd, write) in self._watched:
-                self._watched.discard((fd, write))
-                (loop.remove_writer if write else loop.remove_reader)(fd)
-
-    async def _recv(
-        self, channel: Channel, max_fds: int, deadline: float | None
-    ) -> tuple[dict[str, Any], list[int]]:
-        while True:
-            try:
-                return channel.recv(max_fds=max_fds)
-            except (BlockingIOError, InterruptedError):
-                await self._wait_io(channel.sock, False, deadline)
-
-    async def _send(
-        self,
-        channel: Channel,
-        header: dict[str, Any],
-        fds: Sequence[int] = (),
-        deadline: float | None = None,
-    ) -> None:
-        while True:
-            try:
-                channel.send(header, fds)
-                return
-            except (BlockingIOError, InterruptedError):
-                await self._wait_io(channel.sock, True, deadline)
 
     # -- peers -----------------------------------------------------------------
     def _on_accept(self) -> None:
@@ -336,7 +272,7 @@ class ConnectionBroker:
             # Read the first message before any refusal: closing a SEQPACKET
             # socket with unread data resets it, and the peer would never
             # read why it was refused.
-            header, fds = await self._recv(channel, MAX_FDS_PER_MESSAGE, None)
+            header, fds = await self._io.recv(channel, MAX_FDS_PER_MESSAGE, None)
             try:
                 creds = check_peer(channel.sock)
                 entry = self._host.worker_of(creds.pid)
@@ -371,17 +307,17 @@ class ConnectionBroker:
     async def _serve_receiver(
         self, channel: Channel, worker: Worker, gen: Generation, room: int
     ) -> None:
-        receiver = _Receiver(channel, worker.pid, gen.number, worker, room)
-        await self._send(channel, {"op": "ok", "generation": gen.number})
+        receiver = Receiver(channel, worker.pid, gen.number, worker, room)
+        await self._io.send(channel, {"op": "ok", "generation": gen.number})
         await self._receive_from(receiver)
 
-    async def _receive_from(self, receiver: _Receiver) -> None:
+    async def _receive_from(self, receiver: Receiver) -> None:
         """A registered receiver's replies and room updates, until it goes."""
         channel = receiver.channel
         self._receivers.append(receiver)
         try:
             while True:
-                header, _ = await self._recv(channel, 0, None)
+                header, _ = await self._io.recv(channel, 0, None)
                 if header["op"] in ("ok", "error"):
                     receiver.replies.put_nowait(header)
                 elif header["op"] == "room":
@@ -396,12 +332,12 @@ class ConnectionBroker:
             self._receivers.remove(receiver)
             receiver.replies.put_nowait(None)
 
-    async def _unregister(self, receiver: _Receiver) -> None:
+    async def _unregister(self, receiver: Receiver) -> None:
         # After the batch in flight, if any: the worker reads until this reply.
         async with receiver.lock:
             if receiver.alive:
                 with contextlib.suppress(OSError, TimeoutError):
-                    await self._send(
+                    await self._io.send(
                         receiver.channel,
                         {"op": "unregistered"},
                         (),
@@ -427,7 +363,9 @@ class ConnectionBroker:
             finally:
                 self._held.pop(id(transfer), None)
                 transfer.close()  # what is left: placed, returned (the giver keeps its copy)
-            await self._send(channel, verdict.to_header(), (), time.monotonic() + self.ack_timeout)
+            await self._io.send(
+                channel, verdict.to_header(), (), time.monotonic() + self.ack_timeout
+            )
 
     async def _recv_transfer(
         self, channel: Channel, first: tuple[dict[str, Any], list[int]] | None
@@ -440,7 +378,7 @@ class ConnectionBroker:
                 if first is not None:
                     (header, fds), first = first, None
                 else:
-                    header, fds = await self._recv(channel, MAX_FDS_PER_MESSAGE, deadline)
+                    header, fds = await self._io.recv(channel, MAX_FDS_PER_MESSAGE, deadline)
                 assembly.add(header, fds)
                 if deadline is None:
                     deadline = time.monotonic() + self.ack_timeout
@@ -454,26 +392,6 @@ class ConnectionBroker:
         return transfer
 
     # -- placement -------------------------------------------------------------
-    def _candidates(self, giver: int) -> list[_Receiver]:
-        assert self._host is not None
-        active = self._host.active
-        if active is None or active.state is not GenState.ACTIVE:
-            return []
-        out = [
-            r
-            for r in self._receivers
-            if r.alive
-            and r.accepting
-            and r.room > 0
-            and r.pid != giver
-            and r.generation == active.number
-            and r.worker.state is WorkerState.READY
-        ]
-        if out:
-            self._rotate = (self._rotate + 1) % len(out)
-            out = out[self._rotate :] + out[: self._rotate]
-        return out
-
     async def _place(self, transfer: Transfer, giver: int) -> Verdict:
         items = transfer.sockets
         states: list[bytes] = transfer.meta["_states"]
@@ -482,7 +400,9 @@ class ConnectionBroker:
         placed = 0
         lost: list[int] = []
         while pending:
-            candidates = self._candidates(giver)
+            candidates = self._receivers.candidates(
+                self._host.active if self._host else None, giver
+            )
             shares = split_evenly(len(pending), [r.room for r in candidates])
             jobs = []
             for receiver, share in zip(candidates, shares, strict=True):
@@ -501,7 +421,7 @@ class ConnectionBroker:
                 else:
                     lost.extend(part)
         for index in lost:
-            self._close_gracefully(items[index])
+            self._lingering.close_gracefully(items[index].socket())
         self.counts["placed"] += placed
         self.counts["closed"] += len(lost)
         self.counts["returned"] += len(pending)
@@ -509,7 +429,7 @@ class ConnectionBroker:
 
     async def _forward(
         self,
-        receiver: _Receiver,
+        receiver: Receiver,
         items: list[ReceivedSocket],
         states: list[bytes],
         part: list[int],
@@ -526,11 +446,11 @@ class ConnectionBroker:
                 "meta": encode_states([states[i] for i in part]),
             }
             try:
-                await self._send(receiver.channel, header, [items[i].fd for i in part], deadline)
+                await self._io.send(receiver.channel, header, [items[i].fd for i in part], deadline)
             except (OSError, TimeoutError, ProtocolError) as exc:
                 # SOCK_SEQPACKET is all or nothing: a failed send delivered nothing.
                 self._log(f"cannot hand connections to pid {receiver.pid}: {exc!r}")
-                self._drop_receiver(receiver)
+                self._receivers.drop(receiver, self.counts)
                 return "refused"
             try:
                 reply = await asyncio.wait_for(
@@ -552,50 +472,8 @@ class ConnectionBroker:
                 f"worker pid {receiver.pid} died or stalled while receiving {len(part)} "
                 "connection(s): closing them gracefully"
             )
-            self._drop_receiver(receiver)
+            self._receivers.drop(receiver, self.counts)
             return "lost"
-
-    def _drop_receiver(self, receiver: _Receiver) -> None:
-        receiver.alive = False
-        if not receiver.dropped:
-            receiver.dropped = True
-            self.counts["receivers_lost"] += 1
-            with contextlib.suppress(OSError):
-                receiver.channel.sock.shutdown(socket.SHUT_RDWR)  # wakes its reader
-
-    # -- graceful close ------------------------------------------------------------
-    def _close_gracefully(self, item: ReceivedSocket) -> None:
-        assert self._loop is not None
-        sock = item.socket()
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            return
-        self._closing[sock] = self._loop.call_later(self.linger, self._finish_close, sock)
-        self._loop.add_reader(sock.fileno(), self._discard, sock)
-
-    def _discard(self, sock: socket.socket) -> None:
-        for _ in range(16):
-            try:
-                data = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._finish_close(sock)
-                return
-
-    def _finish_close(self, sock: socket.socket) -> None:
-        timer = self._closing.pop(sock, None)
-        if timer is None:
-            return
-        timer.cancel()
-        if self._loop is not None:
-            self._loop.remove_reader(sock.fileno())
-        sock.close()
 
     def _log(self, message: str) -> None:
         if self._host is not None:
