@@ -104,6 +104,12 @@ def register(subparsers: Any) -> None:
         help="reuseport strategy: allow setting net.ipv4.tcp_migrate_req=1 when eBPF is unavailable",
     )
     parser.add_argument(
+        "--chdir",
+        metavar="DIR",
+        help="run each generation in DIR, resolving symlinks when the generation starts: "
+        "with --chdir /srv/app/current, flip the link and reload to run the new release",
+    )
+    parser.add_argument(
         "--control",
         metavar="PATH",
         help="control socket (default $XDG_RUNTIME_DIR/nodrop/nodrop.sock or /run/nodrop/nodrop.sock)",
@@ -148,6 +154,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
         "max_draining": args.max_draining,
         "strategy": parse_strategy(args.strategy) if args.strategy else None,
         "allow_sysctl": args.allow_sysctl,
+        "chdir": args.chdir,
     }
     return {k: v for k, v in values.items() if v is not None}
 
