@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 
@@ -67,5 +68,9 @@ def run(args: argparse.Namespace) -> int:
     with open(report, "w", encoding="utf-8") as f:
         f.write(render_html(result))
     verdict = "no request failed" if result.failed == 0 else f"{result.failed} requests FAILED"
-    print(f"\n{verdict} across {len(result.reloads)} reloads; report: {os.path.abspath(report)}")
+    # With --json, stdout holds the one JSON document and nothing else.
+    print(
+        f"\n{verdict} across {len(result.reloads)} reloads; report: {os.path.abspath(report)}",
+        file=sys.stderr if args.json else sys.stdout,
+    )
     return 0 if result.failed == 0 and all(r.ok for r in result.reloads) else 1

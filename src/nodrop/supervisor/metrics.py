@@ -224,7 +224,6 @@ def render_prometheus(status: dict[str, Any]) -> str:
         [({}, metrics.get("accept_stop_unconfirmed", 0))],
     )
     states: dict[str, int] = {"starting": 0, "ready": 0, "draining": 0}
-    restarts_running = 0
     for gen in status.get("generations", []):
         for worker in gen.get("workers", []):
             if worker["state"] in states:
@@ -239,7 +238,7 @@ def render_prometheus(status: dict[str, Any]) -> str:
         "nodrop_worker_restarts",
         "counter",
         "Workers of the active generation restarted after they exited.",
-        [({}, status.get("restarts_total", restarts_running))],
+        [({}, status.get("restarts_total", 0))],
     )
     out.family(
         "nodrop_crash_loop",
