@@ -3,9 +3,7 @@ and a wheel that hold what a user needs, the wheel installs into a fresh
 virtualenv and with pipx and runs a real supervisor, and CI's tests import
 the installed wheel rather than the source tree.
 
-CI (.ci/run) builds ``dist/`` before the tests; run alone, the session
-fixture builds it into a temporary directory (``python -m build`` fetches the
-pinned setuptools from the package index).
+The sdist and the wheel come from :mod:`release_fixtures`.
 """
 
 from __future__ import annotations
@@ -21,45 +19,23 @@ import tarfile
 import time
 import venv
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import nodrop
-from conftest import HERE, Procs
+from conftest import Procs
 from nodrop.supervisor.control import request
 from nodrop.systemd.receiver import NotifyReceiver
-
-ROOT = HERE.parent
-VERSION = nodrop.__version__
-
-pytestmark = pytest.mark.slow
+from release_fixtures import ROOT, VERSION, built_dist, wheel_of
 
 
 @pytest.fixture(scope="session")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A directory with this version's sdist and wheel."""
-    built = ROOT / "dist"
-    if (built / f"nodrop-{VERSION}-py3-none-any.whl").exists() and (
-        built / f"nodrop-{VERSION}.tar.gz"
-    ).exists():
-        yield built
-        return
-    out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(
-        [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    yield out
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built_dist(tmp_path_factory)
 
 
-def wheel_of(dist: Path) -> Path:
-    return dist / f"nodrop-{VERSION}-py3-none-any.whl"
+pytestmark = pytest.mark.slow
 
 
 def test_changelog_starts_with_this_version() -> None:
