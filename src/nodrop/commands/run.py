@@ -122,6 +122,13 @@ def register(subparsers: Any) -> None:
         help="control socket path (default: from --name, see above; or $NODROP_CONTROL)",
     )
     parser.add_argument(
+        "--metrics",
+        metavar="tcp://HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (reloads by outcome, "
+        "durations, workers, accept queues, connection ledger); bind it to loopback or a "
+        "private address. `nodrop status --format prometheus` prints the same",
+    )
+    parser.add_argument(
         "--log-format",
         choices=["text", "json"],
         default="text",
@@ -179,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.supervisor.config import config_from_dict, load_config
     from nodrop.supervisor.control import default_control_path
     from nodrop.supervisor.discovery import check_name, derive_name
+    from nodrop.supervisor.metrics_http import MetricsServer, bind_metrics
     from nodrop.supervisor.process import become_subreaper
     from nodrop.supervisor.reexec import load_state, restore
     from nodrop.supervisor.strategies import make_listeners
@@ -201,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
             resume=resume,
             name=os.path.basename(state["control"]["path"]).removesuffix(".sock"),
             log_format=args.log_format,
+            metrics_server=MetricsServer(bind_metrics(args.metrics)) if args.metrics else None,
             broker=None if broker_state is None else ConnectionBroker.from_state(broker_state),
         )
         os.environ.pop("NOTIFY_SOCKET", None)
@@ -235,5 +244,6 @@ def run(args: argparse.Namespace) -> int:
         broker=ConnectionBroker.in_private_dir() if args.handoff else None,
         name=name,
         log_format=args.log_format,
+        metrics_server=MetricsServer(bind_metrics(args.metrics)) if args.metrics else None,
     )
     return run_supervisor(supervisor)

@@ -130,11 +130,7 @@ def run_all(fmt: str) -> int:
         print(f"no supervisor answers in {control_dir()}")
     else:
         for f in found:
-            gen = f.status.get("active_generation")
-            print(
-                f"{f.name}: pid {f.status.get('pid')}, generation {gen if gen is not None else '-'}, "
-                f"{f.status.get('summary', '')} ({f.path})"
-            )
+            print(f"{f.name}: pid {f.status.get('pid')}, {f.status.get('summary', '')} ({f.path})")
     if not found:
         return 2
     return 0 if all(serving(f.status) for f in found) else 3

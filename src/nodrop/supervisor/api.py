@@ -47,6 +47,7 @@ class StatusReply(TypedDict):
     summary: str
     handoff: dict[str, Any] | None
     metrics: dict[str, Any]
+    metrics_address: str | None
 
 
 @dataclass(frozen=True)

@@ -150,11 +150,12 @@ class _Writer:
         help_text: str,
         samples: Iterable[tuple[dict[str, str], float]],
     ) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        suffix = "_total" if kind == "counter" else ""
+        # The text format names a counter by its sample name, ``_total`` included.
+        full = f"{name}_total" if kind == "counter" else name
+        self.lines.append(f"# HELP {full} {help_text}")
+        self.lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
-            self.lines.append(f"{name}{suffix}{self.labels(labels)} {_number(value)}")
+            self.lines.append(f"{full}{self.labels(labels)} {_number(value)}")
 
     def histogram(self, name: str, help_text: str, data: dict[str, Any]) -> None:
         self.lines.append(f"# HELP {name} {help_text}")

@@ -44,6 +44,7 @@ def build_status(sup: Supervisor) -> api.StatusReply:
         "summary": sup.status_line(),
         "handoff": None if sup.broker is None else sup.broker.stats(),
         "metrics": sup.metrics.to_dict(),
+        "metrics_address": None if sup.metrics_server is None else sup.metrics_server.address,
     }
 
 

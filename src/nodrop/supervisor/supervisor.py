@@ -49,6 +49,7 @@ from nodrop.supervisor.handover import Handover
 from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers, lost_is_known
 from nodrop.supervisor.metrics import Metrics
+from nodrop.supervisor.metrics_http import MetricsServer
 from nodrop.supervisor.model import Generation, ReloadOutcome, Worker, WorkerState
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
@@ -99,6 +100,7 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         name: str = "nodrop",
         log_format: str = "text",
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
@@ -108,6 +110,7 @@ class Supervisor:
         self.processes = processes or OsProcesses()
         self.tag_output = tag_output
         self.name = name
+        self.metrics_server = metrics_server
         self.events = EventLog(log or sys.stderr, log_format)
         self.service_notify = service_notify_socket
         self.broker = broker
@@ -202,6 +205,8 @@ class Supervisor:
         try:
             self.control = ControlServer(control_sock, functools.partial(api.handle, self))
             await self.control.start()
+            if self.metrics_server is not None:
+                await self.metrics_server.start(self.status)
             if resume is not None:
                 self._adopt(resume)  # before the broker: it maps peers to workers
             if self.broker is not None:
@@ -412,6 +417,8 @@ class Supervisor:
                 os.unlink(self.control_path)
         if self.broker is not None:
             self.broker.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.notify is not None:
             loop.remove_reader(self.notify.fileno())
             self.notify.close()
