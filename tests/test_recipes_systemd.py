@@ -249,3 +249,24 @@ def test_a_missing_release_directory_is_rolled_back(
     assert "is not a directory" in done.stdout and "rolled back" in done.stdout, done.stdout
     assert sup.status()["active_generation"] == 1
     assert sup.stop() == 0
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", None], ids=["sh-shim", "python-shim"])
+def test_spawn_shims_change_directory_before_the_exec(tmp_path: Path, shell: str | None) -> None:
+    from nodrop.systemd.spawn import shim_argv
+
+    target = tmp_path / "release"
+    target.mkdir()
+    argv = shim_argv(
+        [
+            sys.executable,
+            "-c",
+            "import os; print(os.getcwd(), os.environ['LISTEN_PID'] == str(os.getpid()))",
+        ],
+        shell,
+        str(target),
+    )
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True, cwd="/")
+    assert done.stdout.split() == [str(target), "True"]
+    missing = shim_argv(["true"], shell, str(tmp_path / "gone"))
+    assert subprocess.run(missing, capture_output=True, timeout=30, check=False).returncode != 0
