@@ -27,7 +27,8 @@ same way, or not at all (a steady-state baseline).
 
 EPILOG = """\
 examples:
-  nodrop bench --control /run/nodrop/nodrop.sock --duration 20 --reloads 10
+  nodrop bench --name myapp --duration 20 --reloads 10 --baseline --report myapp.html
+  nodrop bench --control /run/myapp/nodrop.sock --duration 20 --reloads 10
   nodrop bench --target 127.0.0.1:8080 --reload-cmd 'nginx -s reload' --settle 1
   nodrop bench --target 127.0.0.1:8000 --mode keepalive --json
   nodrop bench --control ... --report reload.html     (a page with a timeline chart)
