@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Procs
+from conftest import Procs, wait_for
 from supervisor_harness import Supervised, start
 
 
@@ -106,7 +106,8 @@ def test_bench_with_a_reload_command_and_keepalive(demo_app: Supervised) -> None
     result: dict[str, Any] = json.loads(done.stdout)
     assert result["outcomes"]["ok"] > 100
     assert len(result["reloads"]) == 2
-    assert demo_app.status()["active_generation"] == 3
+    # `kill -HUP` returns before the reload it asks for is done: wait for it.
+    wait_for(lambda: demo_app.status()["active_generation"] == 3, timeout=30, what="generation 3")
 
 
 @pytest.mark.parametrize(
