@@ -55,11 +55,11 @@ def localize(command: str, tmp_path: Path, port: int) -> list[str]:
         command.replace("/run/myapp", str(tmp_path))
         .replace("0.0.0.0:8000", f"127.0.0.1:{port}")
         .replace("--workers 4", "--workers 2")
-        .replace("/srv/myapp/venv/bin/python", sys.executable)
-        .replace("/srv/myapp", str(APP_DIR))
+        .replace(" venv/bin/python ", f" {sys.executable} ")
+        .replace("/srv/myapp/current", str(APP_DIR))
     )
     argv = shlex.split(text)
-    assert argv[0] == "/usr/local/bin/nodrop", argv
+    assert argv[0] == "/opt/nodrop/bin/nodrop", argv
     return [sys.executable, "-m", "nodrop", *argv[1:]]
 
 
@@ -71,9 +71,8 @@ def test_units_verify(tmp_path: Path) -> None:
     paths = []
     for unit in sorted(UNITS.glob("*.s*")):
         text = unit.read_text().replace(
-            "/usr/local/bin/nodrop", shutil.which("true") or "/bin/true"
+            "/opt/nodrop/bin/nodrop", shutil.which("true") or "/bin/true"
         )
-        text = text.replace("/srv/myapp/venv/bin/python", sys.executable)
         (tmp_path / unit.name).write_text(text)
         paths.append(str(tmp_path / unit.name))
     assert len(paths) == 3

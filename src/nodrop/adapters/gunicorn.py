@@ -53,3 +53,21 @@ def post_worker_init(worker: Any) -> None:
         )
     except NotifyError as exc:
         worker.log.warning("nodrop: cannot say READY=1: %s", exc)
+
+
+def _control_socket_path(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """gunicorn 25.1+ serves ``gunicornc`` on a control socket, by default one
+    path per user ($XDG_RUNTIME_DIR/gunicorn.ctl). Two generations would share
+    it: the new arbiter unlinks the old one's and binds its own, then the old
+    arbiter's exit unlinks the new one's. One path per supervisor and
+    generation instead (``gunicorn-nodrop-PPID-gN.ctl``), gone with its
+    generation."""
+    base = environ.get("XDG_RUNTIME_DIR") or ""
+    if not base or not os.path.isdir(base):
+        base = os.path.join(os.path.expanduser("~"), ".gunicorn")
+    generation = environ.get("NODROP_GENERATION", "0")
+    return os.path.join(base, f"gunicorn-nodrop-{os.getppid()}-g{generation}.ctl")
+
+
+# A gunicorn setting: the arbiter of each generation reads it from this module.
+control_socket = _control_socket_path()

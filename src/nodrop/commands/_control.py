@@ -9,11 +9,18 @@ def add_control_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control",
         metavar="PATH",
-        help="the supervisor's control socket (default: $NODROP_CONTROL, else as `nodrop run`)",
+        help="the supervisor's control socket (default: $NODROP_CONTROL, else the one "
+        "for --name, else the only supervisor running; see `nodrop status --all`)",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the supervisor started with `nodrop run --name NAME` (or the name "
+        "`nodrop status --all` shows)",
     )
 
 
 def control_path(args: argparse.Namespace) -> str:
-    from nodrop.supervisor.control import default_control_path
+    from nodrop.supervisor.discovery import resolve
 
-    return str(args.control) if args.control else default_control_path()
+    return resolve(args.control, getattr(args, "name", None))

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodrop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nodrop.load import LoadConfig, LoadResult
+    from nodrop.load.runinfo import RunInfo
 
 DESCRIPTION = """\
 Drive real load at a service while reloading it, and report every failed
@@ -22,7 +27,8 @@ same way, or not at all (a steady-state baseline).
 
 EPILOG = """\
 examples:
-  nodrop bench --control /run/nodrop/nodrop.sock --duration 20 --reloads 10
+  nodrop bench --name myapp --duration 20 --reloads 10 --baseline --report myapp.html
+  nodrop bench --control /run/myapp/nodrop.sock --duration 20 --reloads 10
   nodrop bench --target 127.0.0.1:8080 --reload-cmd 'nginx -s reload' --settle 1
   nodrop bench --target 127.0.0.1:8000 --mode keepalive --json
   nodrop bench --control ... --report reload.html     (a page with a timeline chart)
@@ -43,6 +49,16 @@ def register(subparsers: Any) -> None:
         help="where to send load (default: the supervisor's first TCP listener)",
     )
     parser.add_argument("--control", metavar="PATH", help="reload through this nodrop supervisor")
+    parser.add_argument(
+        "--name", metavar="NAME", help="reload through the supervisor `nodrop run --name NAME`"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also measure, in the same run and with the same load, nodrop's demo app "
+        "restarted the naive way (stop, then start) on its own: the row that shows what "
+        "the load generator counts when a restart does drop connections",
+    )
     parser.add_argument(
         "--reload-cmd", metavar="CMD", help="reload by running this shell command instead"
     )
@@ -121,6 +137,35 @@ def target_from_supervisor(control: str) -> tuple[str, int]:
     raise ConfigError("the supervisor has no TCP listener to send load to; give --target")
 
 
+def run_info(args: argparse.Namespace, result: LoadResult, config: LoadConfig) -> RunInfo:
+    """The report's context: command, versions, what served, the baseline."""
+    from nodrop.load.baseline import LABEL, run_baseline
+    from nodrop.load.runinfo import RunInfo, command_line, versions
+
+    server, strategy, handoff = f"{config.host}:{config.port}", None, None
+    if args.control:
+        from nodrop.supervisor.control import request
+
+        status = request(args.control, "status", timeout=10)
+        active = [g for g in status.get("generations", []) if g.get("state") == "active"]
+        if active:
+            server = " ".join(active[0].get("command", []))
+        strategy, handoff = status.get("strategy"), status.get("handoff") is not None
+    baseline = None
+    if args.baseline:
+        print("nodrop bench: the baseline, same load against a naive restart...", file=sys.stderr)
+        baseline = run_baseline(config)
+    return RunInfo(
+        command=command_line(),
+        server=server,
+        strategy=strategy,
+        handoff=handoff,
+        versions=versions(),
+        baseline=baseline,
+        baseline_label=LABEL if baseline is not None else "",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from nodrop.load import (
         CommandReloader,
@@ -132,7 +177,12 @@ def run(args: argparse.Namespace) -> int:
         run_load,
     )
     from nodrop.load.control_reloader import ControlReloader
+    from nodrop.load.report import format_baseline
 
+    if args.name and not args.control:
+        from nodrop.supervisor.discovery import resolve
+
+        args.control = resolve(None, args.name)
     if args.control and args.reload_cmd:
         raise ConfigError("give --control or --reload-cmd, not both")
     if args.target:
@@ -173,13 +223,16 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     result = run_load(config, reloader)
+    info = run_info(args, result, config)
     if args.json:
-        print(result.to_json())
+        print(json.dumps(result.to_dict() | {"run": info.to_dict()}, indent=2))
     else:
         print(format_table(result))
+        if info.baseline is not None:
+            print(format_baseline(result, info.baseline, info.baseline_label))
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
-            f.write(render_html(result))
+            f.write(render_html(result, info))
         print(f"report: {args.report}", file=sys.stderr)
-    reloads_ok = all(r.ok for r in result.reloads)
+    reloads_ok = all(r.ok for r in result.reloads)  # the baseline's failures are expected
     return 0 if result.failed == 0 and reloads_ok else 1

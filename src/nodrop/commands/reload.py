@@ -16,9 +16,16 @@ def register(subparsers: Any) -> None:
         description=(
             "Ask the supervisor to start the next generation (re-reading --config if it "
             "has one) and wait for the outcome. Exits 0 once every new worker is ready "
-            "and the old generation is draining; exits 1, printing why, if the new "
-            "generation failed and was rolled back (the old one keeps serving). Reloads "
-            "asked for while one is starting are coalesced into one more reload."
+            "and the old generation has stopped accepting: from then on every new "
+            "connection is served by the new generation, so a check right after the "
+            "command sees the new version. An old worker has stopped accepting when it "
+            "exited, closed the listening sockets, or sent STOPPING=1 to $NOTIFY_SOCKET "
+            "(with --strategy reuseport and eBPF steering, at once). This wait is bounded "
+            "(5 s, or the drain timeout if shorter); past it the command still exits 0 -- "
+            "the new generation serves -- and says which old workers had not confirmed. "
+            "Exits 1, printing why, if the new generation failed and was rolled back (the "
+            "old one keeps serving); 2 if no supervisor answers or --timeout passes. "
+            "Reloads asked for while one is starting are coalesced into one more reload."
         ),
     )
     add_control_argument(parser)
@@ -35,7 +42,9 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="give up waiting after S seconds (exit 2; the reload goes on)",
     )
-    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    parser.add_argument(
+        "--json", action="store_true", help="print the outcome as one JSON document"
+    )
     parser.set_defaults(func=run)
 
 

@@ -104,9 +104,36 @@ def register(subparsers: Any) -> None:
         help="reuseport strategy: allow setting net.ipv4.tcp_migrate_req=1 when eBPF is unavailable",
     )
     parser.add_argument(
+        "--chdir",
+        metavar="DIR",
+        help="run each generation in DIR, resolving symlinks when the generation starts: "
+        "with --chdir /srv/app/current, flip the link and reload to run the new release",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="this app's name: its control socket is NAME.sock in the control directory "
+        "($XDG_RUNTIME_DIR/nodrop, /run/nodrop for root, else /tmp/nodrop-UID); default: "
+        "from the listeners, e.g. tcp-0.0.0.0-8000, so two apps need no extra flag",
+    )
+    parser.add_argument(
         "--control",
         metavar="PATH",
-        help="control socket (default $XDG_RUNTIME_DIR/nodrop/nodrop.sock or /run/nodrop/nodrop.sock)",
+        help="control socket path (default: from --name, see above; or $NODROP_CONTROL)",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="tcp://HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (reloads by outcome, "
+        "durations, workers, accept queues, connection ledger); bind it to loopback or a "
+        "private address. `nodrop status --format prometheus` prints the same",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="the supervisor's own log lines: text (default) or one JSON object per line "
+        "(reloads and their ledgers with all their fields)",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with the same settings, re-read on every reload"
@@ -148,6 +175,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
         "max_draining": args.max_draining,
         "strategy": parse_strategy(args.strategy) if args.strategy else None,
         "allow_sysctl": args.allow_sysctl,
+        "chdir": args.chdir,
     }
     return {k: v for k, v in values.items() if v is not None}
 
@@ -157,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.listeners.held import HeldSocket
     from nodrop.supervisor.config import config_from_dict, load_config
     from nodrop.supervisor.control import default_control_path
+    from nodrop.supervisor.discovery import check_name, derive_name
+    from nodrop.supervisor.metrics_http import MetricsServer, bind_metrics
     from nodrop.supervisor.process import become_subreaper
     from nodrop.supervisor.reexec import load_state, restore
     from nodrop.supervisor.strategies import make_listeners
@@ -177,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
             tag_output=not args.no_tag_output,
             service_notify_socket=state["service_notify"],
             resume=resume,
+            name=os.path.basename(state["control"]["path"]).removesuffix(".sock"),
+            log_format=args.log_format,
+            metrics_server=MetricsServer(bind_metrics(args.metrics)) if args.metrics else None,
             broker=None if broker_state is None else ConnectionBroker.from_state(broker_state),
         )
         os.environ.pop("NOTIFY_SOCKET", None)
@@ -193,14 +226,24 @@ def run(args: argparse.Namespace) -> int:
     listeners = make_listeners(
         config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
     )
+    name = (
+        check_name(args.name)
+        if args.name
+        else derive_name(
+            config.listen, [str(h.identity).partition(" (")[0] for h in inherited], os.getpid()
+        )
+    )
     supervisor = Supervisor(
         config,
         listeners,
-        control_path=args.control or default_control_path(),
+        control_path=args.control or default_control_path(name),
         config_path=args.config,
         cli_values=values,
         tag_output=not args.no_tag_output,
         service_notify_socket=service_notify,
         broker=ConnectionBroker.in_private_dir() if args.handoff else None,
+        name=name,
+        log_format=args.log_format,
+        metrics_server=MetricsServer(bind_metrics(args.metrics)) if args.metrics else None,
     )
     return run_supervisor(supervisor)

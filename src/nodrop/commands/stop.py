@@ -16,7 +16,14 @@ def register(subparsers: Any) -> None:
         "(SIGKILL after the drain timeout), close the listeners and stop the supervisor.",
     )
     add_control_argument(parser)
-    parser.add_argument("--timeout", type=float, default=600.0, metavar="S")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="give up waiting for the answer after S seconds (exit 2; the stop goes on; "
+        "default 600). The workers' own limit is `nodrop run --drain-timeout`.",
+    )
     parser.set_defaults(func=run)
 
 

@@ -274,7 +274,12 @@ def parse_spec(text: str) -> ListenerSpec:
             raise SpecError(text, scheme + "://", "unknown scheme (tcp, udp or unix)") from None
         if transport is Transport.UNIX:  # "unix://" already handled above
             raise SpecError(text, scheme + "://", "write unix:/path or unix:@name")
+        if rest.startswith("/"):
+            raise SpecError(text, body, f"one slash too many: {scheme}://HOST:PORT")
     else:
+        scheme = body.partition(":")[0].partition("/")[0]
+        if scheme in ("tcp", "udp"):  # a typo'd scheme: tcp:/..., tcp:..., tcp//...
+            raise SpecError(text, body, f"a scheme is written {scheme}://HOST:PORT")
         transport = Transport.TCP
         rest = body
     options = ListenerOptions(**_parse_options(text, query, transport))  # type: ignore[arg-type]

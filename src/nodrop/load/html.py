@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from nodrop.load.outcome import Outcome
 from nodrop.load.report import format_ms, latency_rows
-from nodrop.load.result import LoadResult
+from nodrop.load.result import Bucket, LoadResult
+from nodrop.load.runinfo import NEXT_STEP, RunInfo
 
 #: Chart geometry (px).
 WIDTH = 1100
@@ -183,12 +184,132 @@ def render_svg(result: LoadResult) -> str:
     return "\n".join(out)
 
 
-def _legend() -> str:
+def _legend(result: LoadResult) -> str:
+    """Keys for what the chart draws: error classes only when they occurred."""
     items = [("reload window", RELOAD_FILL), ("requests/s", RATE_COLOUR), ("p99", P99_COLOUR)]
-    items += [(o.label, c) for o, c in ERROR_COLOURS.items()]
-    return " ".join(
+    present = [(o.label, c) for o, c in ERROR_COLOURS.items() if result.outcomes.get(o.label)]
+    keys = " ".join(
         f'<span class="key"><span class="swatch" style="background:{c}"></span>{_esc(n)}</span>'
-        for n, c in items
+        for n, c in items + present
+    )
+    if not present:
+        keys += ' <span class="key">errors: none in this run</span>'
+    return keys
+
+
+FINE_HEIGHT = 90
+FINE_WIDTH = 330
+
+
+def _fine_chart(result: LoadResult, index: int) -> str:
+    """One reload window in 100 ms buckets: completed requests (bars) and
+    failed ones (by class, drawn over them)."""
+    rec = result.reloads[index]
+    start, end = (w - result.started for w in rec.window)
+    buckets = [b for b in result.fine if start - 0.5 <= b.t + b.width and b.t <= end + 0.5]
+    if not buckets:
+        return ""
+    width = buckets[0].width
+    first = min(b.t for b in buckets)
+    count = round((max(b.t for b in buckets) - first) / width) + 1
+    by_t = {round((b.t - first) / width): b for b in buckets}
+    peak = max(b.attempts for b in buckets) or 1
+    bar = max(FINE_WIDTH / count - 1, 1)
+    out = [
+        f'<svg class="fine" xmlns="http://www.w3.org/2000/svg" width="{FINE_WIDTH}" '
+        f'height="{FINE_HEIGHT + 30}" role="img" aria-label="reload {index + 1} in 100 ms buckets">',
+        f'<text x="0" y="12" class="ptitle">reload {index + 1}: {rec.duration * 1e3:.0f} ms, '
+        f"{width * 1e3:.0f} ms buckets</text>",
+    ]
+
+    def x_of(t: float) -> float:
+        return (t - first) / (count * width) * FINE_WIDTH
+
+    out.append(
+        f'<rect x="{x_of(start):.1f}" y="18" width="{max(x_of(end) - x_of(start), 2):.1f}" '
+        f'height="{FINE_HEIGHT}" fill="{RELOAD_FILL}" fill-opacity="0.45"/>'
+    )
+    for i in range(count):
+        b: Bucket | None = by_t.get(i)
+        n = b.attempts if b is not None else 0
+        h = FINE_HEIGHT * n / peak
+        x = i * FINE_WIDTH / count
+        out.append(
+            f'<rect x="{x:.1f}" y="{18 + FINE_HEIGHT - h:.1f}" width="{bar:.1f}" '
+            f'height="{h:.1f}" fill="{RATE_COLOUR}"><title>{first + i * width:.1f}s: '
+            f"{n} completed</title></rect>"
+        )
+        base = 0.0
+        for outcome, colour in ERROR_COLOURS.items():
+            e = 0 if b is None else b.outcomes.get(outcome.label, 0)
+            if e:
+                eh = max(FINE_HEIGHT * e / peak, 2)
+                out.append(
+                    f'<rect x="{x:.1f}" y="{18 + FINE_HEIGHT - base - eh:.1f}" width="{bar:.1f}" '
+                    f'height="{eh:.1f}" fill="{colour}"><title>{first + i * width:.1f}s: '
+                    f"{e} {outcome.label}</title></rect>"
+                )
+                base += eh
+    out.append(
+        f'<text x="0" y="{FINE_HEIGHT + 30}" class="note">{first:.1f}s .. '
+        f"{first + count * width:.1f}s; peak {peak} per bucket</text></svg>"
+    )
+    return "".join(out)
+
+
+def _fine_charts(result: LoadResult, limit: int = 12) -> str:
+    charts = [_fine_chart(result, i) for i in range(min(len(result.reloads), limit))]
+    charts = [c for c in charts if c]
+    if not charts:
+        return ""
+    more = (
+        f'<p class="note">(the first {limit} of {len(result.reloads)} reloads)</p>'
+        if len(result.reloads) > limit
+        else ""
+    )
+    return (
+        "<h2>Inside the reload windows</h2>"
+        '<p class="note">Completed requests per 100 ms bucket, from half a second before each '
+        "reload window to half a second after it; failed ones drawn in their class's colour. "
+        "One-second bins (the chart above) average these away.</p>"
+        f'<div class="finegrid">{"".join(charts)}</div>{more}'
+    )
+
+
+def _run_table(info: RunInfo) -> str:
+    rows = [("command", f"<code>{_esc(info.command)}</code>"), ("server", _esc(info.server))]
+    if info.strategy is not None:
+        rows.append(("strategy", _esc(info.strategy)))
+    if info.handoff is not None:
+        rows.append(("keep-alive handoff", "on (--handoff)" if info.handoff else "off"))
+    rows.append(("versions", _esc(", ".join(f"{k} {v}" for k, v in info.versions.items()))))
+    body = "".join(f"<tr><th>{k}</th><td class=left>{v}</td></tr>" for k, v in rows)
+    return f'<table id="run"><tbody>{body}</tbody></table>'
+
+
+def _failures(result: LoadResult) -> str:
+    parts = [
+        f"{o.label} {result.outcomes[o.label]}"
+        for o in Outcome
+        if o is not Outcome.OK and result.outcomes.get(o.label)
+    ]
+    return ", ".join(parts) or "none"
+
+
+def _baseline_table(result: LoadResult, info: RunInfo) -> str:
+    rows = [("nodrop (this run)", result)]
+    if info.baseline is not None:
+        rows.append((info.baseline_label or "baseline", info.baseline))
+    body = "".join(
+        f'<tr class="{"bad" if r.failed else ""}"><th>{_esc(name)}</th><td>{r.attempts}</td>'
+        f"<td>{r.failed}</td><td class=left>{_esc(_failures(r))}</td>"
+        f"<td>{len(r.reloads)}</td><td>{r.failed_per_million:.1f}</td></tr>"
+        for name, r in rows
+    )
+    return (
+        '<table id="baseline"><thead><tr><th>run</th><th>attempts</th><th>failed</th>'
+        "<th>by class</th><th>reloads</th><th>failed per 10<sup>6</sup></th></tr></thead>"
+        f"<tbody>{body}</tbody></table>"
     )
 
 
@@ -271,11 +392,14 @@ table{border-collapse:collapse;font-size:14px}th,td{padding:4px 10px;border-bott
 td{text-align:right;font-variant-numeric:tabular-nums}th{text-align:left}
 thead th{background:#f3f3f3}tr.bad td,tr.bad th{color:#c62828;font-weight:600}
 #reloads td:last-child{text-align:left}.note{color:#555;font-size:13px}
+td.left{text-align:left}.finegrid{display:flex;flex-wrap:wrap;gap:18px}
+code{background:#f3f3f3;padding:1px 4px;border-radius:3px;font-size:13px}
+.next{margin-top:26px;padding:10px 12px;background:#eef6ee;border-radius:4px}
 """
 
 
-def render_html(result: LoadResult) -> str:
-    """A complete, self-contained HTML page for one run."""
+def render_html(result: LoadResult, info: RunInfo | None = None) -> str:
+    """A complete, self-contained HTML page for one run (``info``: its context)."""
     cfg = result.config
     verdict = (
         '<p class="verdict good">No failed requests.</p>'
@@ -283,6 +407,18 @@ def render_html(result: LoadResult) -> str:
         else f'<p class="verdict badv">{result.failed} failed requests '
         f"({result.failed_per_million:.1f} per million).</p>"
     )
+    context = ""
+    if info is not None:
+        context = f"<h2>Run</h2>{_run_table(info)}"
+        if info.baseline is not None:
+            base = info.baseline
+            verdict += (
+                f'<p class="sub">Measured against a baseline in the same run, same load: '
+                f"{_esc(info.baseline_label)}: {base.failed} failed of {base.attempts} "
+                f"({_esc(_failures(base))}) across {len(base.reloads)} restarts.</p>"
+            )
+            context += f"<h2>Against a naive restart</h2>{_baseline_table(result, info)}"
+    next_step = info.next_step if info is not None and info.next_step else NEXT_STEP
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>nodrop load report: {_esc(cfg.host)}:{cfg.port}</title>"
@@ -291,11 +427,13 @@ def render_html(result: LoadResult) -> str:
         f'<p class="sub">{_esc(cfg.mode.value)} mode against {_esc(cfg.host)}:{cfg.port}, '
         f"concurrency {cfg.concurrency}, {result.processes} worker processes, "
         f"{result.elapsed:.2f}s, {len(result.reloads)} reloads</p>"
-        f"{verdict}"
-        f'<div class="legend">{_legend()}</div>'
+        f"{verdict}{context}"
+        f'<div class="legend">{_legend(result)}</div>'
         f"{render_svg(result)}"
+        f"{_fine_charts(result)}"
         '<div class="tables"><div><h2>Outcomes</h2>'
         f"{_summary_table(result)}</div><div><h2>Latency</h2>{_latency_table(result)}</div></div>"
         f"<h2>Reloads</h2>{_reload_table(result)}"
+        f'<p class="next">Now run this against your app: <code>{_esc(next_step)}</code></p>'
         "</body></html>\n"
     )

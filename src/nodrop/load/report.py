@@ -79,3 +79,22 @@ def format_table(result: LoadResult) -> str:
                 f"{'yes' if rec.ok else 'NO':<4}{rec.message}"
             )
     return "\n".join(lines) + "\n"
+
+
+def format_baseline(result: LoadResult, baseline: LoadResult, label: str) -> str:
+    """Two lines: this run and the baseline, failures by class (plain text)."""
+
+    def line(name: str, r: LoadResult) -> str:
+        classes = ", ".join(
+            f"{o.label} {r.outcomes[o.label]}"
+            for o in Outcome
+            if o is not Outcome.OK and r.outcomes.get(o.label)
+        )
+        return (
+            f"{name:<22}{r.attempts:>12} attempts{r.failed:>9} failed"
+            f"  over {len(r.reloads)} reloads" + (f"  ({classes})" if classes else "")
+        )
+
+    return "\n".join(
+        [f"baseline, same load: {label}", line("nodrop", result), line("naive restart", baseline)]
+    )

@@ -50,6 +50,27 @@ class Second:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A short stretch of time around a reload window (see :data:`FINE_BUCKET`).
+
+    Attributes:
+        t: seconds since the run started (this bucket is [t, t + width)).
+        width: seconds.
+        attempts, outcomes, p99: as in :class:`Second`.
+    """
+
+    t: float
+    width: float
+    attempts: int
+    outcomes: Mapping[str, int]
+    p99: float | None
+
+    @property
+    def errors(self) -> int:
+        return self.attempts - self.outcomes.get(Outcome.OK.label, 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoadResult:
     """Everything a run measured.
 
@@ -86,6 +107,9 @@ class LoadResult:
     timeline: tuple[Second, ...]
     reloads: tuple[ReloadRecord, ...]
     generator_cpu: float
+    fine: tuple[Bucket, ...] = ()
+    """100 ms buckets covering each reload window and half a second either
+    side: what one-second bins average away."""
 
     @property
     def attempts(self) -> int:
@@ -148,6 +172,16 @@ class LoadResult:
                 for s in self.timeline
             ],
             "reloads": [r.to_dict() | {"window": list(r.window)} for r in self.reloads],
+            "fine": [
+                {
+                    "t": b.t,
+                    "width": b.width,
+                    "attempts": b.attempts,
+                    "outcomes": dict(b.outcomes),
+                    "p99": b.p99,
+                }
+                for b in self.fine
+            ],
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -17,13 +17,18 @@ from nodrop.load.config import LoadConfig
 from nodrop.load.histogram import Histogram
 from nodrop.load.outcome import Outcome
 from nodrop.load.reload import ReloadRecord
-from nodrop.load.result import LatencySummary, LoadResult, Second
+from nodrop.load.result import Bucket, LatencySummary, LoadResult, Second
 from nodrop.load.samples import CLEAN_CLOSE, Samples
 
 #: Label of the reconnect cause "the server closed the kept connection cleanly".
 CLEAN_CLOSE_LABEL = "clean_close"
 
 _LABELS = [o.label for o in Outcome]
+
+#: Width of the fine buckets around reload windows (seconds), and how far
+#: before and after each window they reach.
+FINE_BUCKET = 0.1
+FINE_MARGIN = 0.5
 
 
 def merge_windows(windows: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -98,6 +103,11 @@ def summarize(
     in_reload: Counter[str] = Counter({label: 0 for label in _LABELS})
     per_second: dict[int, Counter[str]] = {}
     per_second_hist: dict[int, Histogram] = {}
+    fine_index = WindowIndex(
+        (r.window[0] - FINE_MARGIN, r.window[1] + FINE_MARGIN) for r in reloads
+    )
+    per_bucket: dict[int, Counter[str]] = {}
+    per_bucket_hist: dict[int, Histogram] = {}
     last_end = started if len(samples) else ended
     last_second = max(0, math.ceil(ended - started) - 1)
     ok = int(Outcome.OK)
@@ -118,6 +128,11 @@ def summarize(
             overall.add(latency)
             (reload if exposed else steady).add(latency)
             per_second_hist.setdefault(second, Histogram()).add(latency)
+        if fine_index.contains(end):
+            bucket = math.floor((end - started) / FINE_BUCKET)
+            per_bucket.setdefault(bucket, Counter())[label] += 1
+            if code == ok:
+                per_bucket_hist.setdefault(bucket, Histogram()).add(latency)
     timeline = tuple(
         Second(
             t=t,
@@ -126,6 +141,16 @@ def summarize(
             p99=per_second_hist[t].percentile(99) if t in per_second_hist else None,
         )
         for t in range(last_second + 1)
+    )
+    fine = tuple(
+        Bucket(
+            t=round(b * FINE_BUCKET, 6),
+            width=FINE_BUCKET,
+            attempts=sum(per_bucket[b].values()),
+            outcomes=dict(per_bucket[b]),
+            p99=per_bucket_hist[b].percentile(99) if b in per_bucket_hist else None,
+        )
+        for b in sorted(per_bucket)
     )
     causes: Counter[str] = Counter()
     reconnects_in_reload = 0
@@ -149,4 +174,5 @@ def summarize(
         timeline=timeline,
         reloads=tuple(reloads),
         generator_cpu=busy,
+        fine=fine,
     )

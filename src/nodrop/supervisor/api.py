@@ -28,6 +28,8 @@ class StatusReply(TypedDict):
     """What ``nodrop status --json`` prints (``ok`` is added by the socket)."""
 
     pid: int
+    name: str
+    version: str
     uptime: float
     reexecs: int
     strategy: str
@@ -39,10 +41,13 @@ class StatusReply(TypedDict):
     listeners: list[dict[str, Any]]
     reloads: list[dict[str, Any]]
     restarts_last_minute: int
+    restarts_total: int
     crash_loop: bool
     warnings: list[str]
     summary: str
     handoff: dict[str, Any] | None
+    metrics: dict[str, Any]
+    metrics_address: str | None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ A config file holds the same things as the command line::
     drain_timeout = 30
     drain_signal = "SIGTERM"
     strategy = "inherit"        # or "reuseport"
+    chdir = "/srv/app/current"  # each generation's working directory, resolved at its start
 
     [env]                       # extra environment for the workers
     APP_ENV = "production"
@@ -115,6 +116,10 @@ class RunConfig:
     max_draining: int = DEFAULT_MAX_DRAINING
     env: tuple[tuple[str, str], ...] = ()
     allow_sysctl: bool = False
+    chdir: str | None = None
+    """Each generation's working directory. Symlinks in it are resolved when
+    the generation starts (not when the supervisor does), so flipping a
+    ``current -> releases/N`` link and reloading runs release N."""
 
     def validate(self) -> RunConfig:
         if not self.command:
@@ -143,6 +148,7 @@ _FILE_KEYS = {
     "strategy",
     "max_draining",
     "env",
+    "chdir",
 }
 
 
@@ -201,6 +207,8 @@ def parse_config_text(text: str, source: str = "config") -> dict[str, Any]:
             out["max_draining"] = _expect(
                 "max_draining", data["max_draining"], int, "a whole number"
             )
+        if "chdir" in data:
+            out["chdir"] = _expect("chdir", data["chdir"], str, "a directory")
         if "env" in data:
             env = _expect("env", data["env"], dict, "a table")
             out["env"] = tuple(
@@ -267,6 +275,7 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
         "max_draining": config.max_draining,
         "env": [list(pair) for pair in config.env],
         "allow_sysctl": config.allow_sysctl,
+        "chdir": config.chdir,
     }
 
 
@@ -284,4 +293,5 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         max_draining=data["max_draining"],
         env=tuple((k, v) for k, v in data["env"]),
         allow_sysctl=data["allow_sysctl"],
+        chdir=data.get("chdir"),
     )

@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 
+from nodrop.errors import ConfigError
 from nodrop.listeners.held import HeldSocket
 from nodrop.supervisor.config import ReadyMode, RunConfig
 from nodrop.supervisor.inherit_listeners import ListenerProvider
@@ -20,6 +21,7 @@ from nodrop.supervisor.model import Generation, GenState, Worker, WorkerState
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import Processes
 from nodrop.supervisor.restarts import RestartPolicy
+from nodrop.supervisor.workdir import resolve_workdir
 
 KEEP_EXITED_GENERATIONS = 5
 
@@ -65,6 +67,12 @@ class GenerationSet:
         self.stopping = False
         """Set by the supervisor: no more restarts, and :attr:`on_all_exited` fires."""
         self.on_all_exited: Callable[[], None] = lambda: None
+        self.on_exited: Callable[[Generation], None] = lambda _gen: None
+        """Called once each generation has no worker left."""
+        self.on_kill: Callable[[Generation], None] = lambda _gen: None
+        """Called right before a generation's workers get SIGKILL."""
+        self.restart_count = 0
+        """Worker restarts scheduled since the supervisor started."""
         self._workers: dict[int, tuple[Worker, Generation]] = {}
 
     # -- starting -------------------------------------------------------------
@@ -73,6 +81,11 @@ class GenerationSet:
         gen = Generation(self.next_number, config, listeners, started=self.clock())
         self.next_number += 1
         self.all.append(gen)
+        try:
+            gen.cwd = resolve_workdir(config.chdir)  # once: every worker runs the same release
+        except ConfigError as exc:
+            gen.note = f"cannot start: {exc}"
+            return gen
         for index in range(1, config.workers + 1):
             try:
                 gen.workers.append(self._spawn(gen, index))
@@ -92,6 +105,7 @@ class GenerationSet:
                 [h.name for h in gen.listeners],
                 pipes[0][1] if pipes else None,
                 pipes[1][1] if pipes else None,
+                gen.cwd,
             )
         except OSError:
             for r, w in pipes:
@@ -159,6 +173,8 @@ class GenerationSet:
             self.kill(gen)
 
     def kill(self, gen: Generation) -> None:
+        if gen.live_workers():
+            self.on_kill(gen)
         for worker in gen.live_workers():
             self.processes.signal_group(worker.pid, signal.SIGKILL)
             self.processes.signal(worker.pid, signal.SIGKILL)
@@ -182,6 +198,7 @@ class GenerationSet:
 
     def _exited(self, gen: Generation) -> None:
         gen.finish(self.clock())
+        self.on_exited(gen)
         self.listeners.collect(g.listeners for g in self.all if not g.finished)
         done = [g for g in self.all if g.finished]
         for old in done[:-KEEP_EXITED_GENERATIONS]:
@@ -221,6 +238,7 @@ class GenerationSet:
 
     def _schedule_restart(self, gen: Generation, worker: Worker) -> None:
         now = self.clock()
+        self.restart_count += 1
         restarts, delay = self.restarts.next_attempt(worker.restarts, now - worker.started, now)
         message = f"worker {worker.label} (pid {worker.pid}) {worker.describe_exit()}; restarting in {delay:.1f}s"
         if self.restarts.crash_loop(now):

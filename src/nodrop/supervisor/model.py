@@ -50,6 +50,8 @@ class Worker:
     exit_code: int | None = None
     restarts: int = 0
     status_text: str = ""
+    stopping_at: float | None = None
+    """When it said STOPPING=1 (it has stopped accepting)."""
     stderr_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )
@@ -78,6 +80,7 @@ class Worker:
             "restarts": self.restarts,
             "exit_code": self.exit_code,
             "status": self.status_text,
+            "said_stopping": self.stopping_at is not None,
         }
 
 
@@ -93,6 +96,8 @@ class Generation:
     drain_started: float | None = None
     exited_at: float | None = None
     note: str = ""
+    cwd: str | None = None
+    """The working directory its workers run in, resolved when it started."""
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     """Set on every change to the generation or its workers."""
     kill_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -160,6 +165,7 @@ class Generation:
             if self.drain_started is None or self.state is not GenState.DRAINING
             else round(now - self.drain_started, 3),
             "command": list(self.config.command),
+            "cwd": self.cwd,
             "workers": [w.to_dict(now) for w in self.workers],
             "note": self.note,
         }
@@ -177,6 +183,8 @@ class ReloadOutcome:
     ready: float | None = None
     old_generations: tuple[int, ...] = ()
     old_exited: float | None = None
+    old_stopped_accepting: dict[str, Any] | None = None
+    """How and when the old generation stopped accepting (:mod:`.handover`)."""
 
     @property
     def duration(self) -> float:
@@ -196,4 +204,5 @@ class ReloadOutcome:
             "duration": round(self.duration, 6),
             "old_generations": list(self.old_generations),
             "old_exited": self.old_exited,
+            "old_stopped_accepting": self.old_stopped_accepting,
         }

@@ -30,6 +30,7 @@ class Processes(Protocol):
         names: Sequence[str],
         stdout: int | None,
         stderr: int | None,
+        cwd: str | None = None,
     ) -> int: ...
 
     def signal(self, pid: int, sig: int) -> None: ...
@@ -56,8 +57,9 @@ class OsProcesses:
         names: Sequence[str],
         stdout: int | None,
         stderr: int | None,
+        cwd: str | None = None,
     ) -> int:
-        return spawn(argv, env=env, fds=fds, names=names, stdout=stdout, stderr=stderr)
+        return spawn(argv, env=env, fds=fds, names=names, stdout=stdout, stderr=stderr, cwd=cwd)
 
     def signal(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):

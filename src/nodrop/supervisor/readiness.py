@@ -25,7 +25,8 @@ def exit_failure(gen: Generation, now: float) -> str | None:
     for worker in gen.workers:
         if worker.state is WorkerState.EXITED:
             tail = "".join(f"\n    {line}" for line in worker.stderr_tail)
-            last = f"; last lines of its stderr:{tail}" if tail else ""
+            # On lines of their own: the caller adds its verdict to the first line.
+            last = f"\n  last lines of its stderr:{tail}" if tail else ""
             when = (
                 "before it was ready"
                 if worker.ready_at is None

@@ -74,6 +74,7 @@ class GenerationRecord(TypedDict):
     drain_started: float | None
     exited_at: float | None
     note: str
+    cwd: str | None
 
 
 class HeldRecord(TypedDict):
@@ -159,6 +160,7 @@ def generation_state(
         "drain_started": gen.drain_started,
         "exited_at": gen.exited_at,
         "note": gen.note,
+        "cwd": gen.cwd,
     }
 
 
@@ -327,6 +329,7 @@ def restore_generations(
             drain_started=data["drain_started"],
             exited_at=data["exited_at"],
             note=data["note"],
+            cwd=data.get("cwd"),
         )
         workers = []
         for wdata in data["workers"]:
@@ -349,4 +352,5 @@ def outcome_from(data: dict[str, Any]) -> ReloadOutcome:
         data["ready"],
         tuple(data["old_generations"]),
         data["old_exited"],
+        data.get("old_stopped_accepting"),
     )

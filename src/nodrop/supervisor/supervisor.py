@@ -43,13 +43,19 @@ from nodrop.supervisor.config import (
     worker_env,
 )
 from nodrop.supervisor.control import ControlServer, bind_control
+from nodrop.supervisor.eventlog import EventLog
 from nodrop.supervisor.generations import GenerationSet
+from nodrop.supervisor.handover import Handover
 from nodrop.supervisor.inherit_listeners import ListenerProvider
+from nodrop.supervisor.ledger import Ledgers, lost_is_known
+from nodrop.supervisor.metrics import Metrics
+from nodrop.supervisor.metrics_http import MetricsServer
 from nodrop.supervisor.model import Generation, ReloadOutcome, Worker, WorkerState
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
+from nodrop.supervisor.status import build_status, record_ledger, record_reload
 from nodrop.systemd.notify import notify as sd_notify
 from nodrop.systemd.receiver import NotifyReceiver
 
@@ -92,6 +98,9 @@ class Supervisor:
         resume: carry.Resume | None = None,
         restarts: RestartPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        name: str = "nodrop",
+        log_format: str = "text",
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
@@ -100,7 +109,9 @@ class Supervisor:
         self.cli_values = dict(cli_values or {})
         self.processes = processes or OsProcesses()
         self.tag_output = tag_output
-        self._log_stream = log or sys.stderr
+        self.name = name
+        self.metrics_server = metrics_server
+        self.events = EventLog(log or sys.stderr, log_format)
         self.service_notify = service_notify_socket
         self.broker = broker
         self.restarts = restarts or RestartPolicy()
@@ -117,6 +128,15 @@ class Supervisor:
             self.warn,
         )
         self.gens.on_all_exited = self._all_exited
+        self.metrics = Metrics()
+        self.ledgers = Ledgers(
+            lambda: {} if broker is None else broker.stats(),
+            lost_is_known(listeners),
+            functools.partial(record_ledger, self),
+        )
+        self.gens.on_exited = lambda gen: self.ledgers.exited(gen, self.clock())
+        self.gens.on_kill = self.ledgers.killing
+        self.handover = Handover(self.gens, listeners, self.ledgers, clock)
         self.history: collections.deque[ReloadOutcome] = collections.deque(maxlen=HISTORY)
         self.warnings_log: collections.deque[str] = collections.deque(maxlen=20)
         self._current: asyncio.Future[ReloadOutcome] | None = None
@@ -133,11 +153,11 @@ class Supervisor:
 
     # -- logging and systemd ------------------------------------------------
     def log(self, message: str) -> None:
-        print(f"nodrop[{os.getpid()}]: {message}", file=self._log_stream, flush=True)
+        self.events.event("log", message)
 
     def warn(self, message: str) -> None:
         self.warnings_log.append(message)
-        self.log(f"warning: {message}")
+        self.events.event("warning", message, level="warning")
 
     def _tell_service_manager(self, **fields: str) -> None:
         if not self.service_notify:
@@ -185,6 +205,8 @@ class Supervisor:
         try:
             self.control = ControlServer(control_sock, functools.partial(api.handle, self))
             await self.control.start()
+            if self.metrics_server is not None:
+                await self.metrics_server.start(self.status)
             if resume is not None:
                 self._adopt(resume)  # before the broker: it maps peers to workers
             if self.broker is not None:
@@ -199,6 +221,7 @@ class Supervisor:
                 return await self._stopped
             outcome = await self._start_generation_and_wait(self.config, first=True)
             self.history.append(outcome)
+            self.metrics.reload(outcome, first=True)
             if not outcome.ok:
                 self.log(f"could not start: {outcome.message}")
                 await self._shutdown()
@@ -255,24 +278,15 @@ class Supervisor:
                 why = "the supervisor is stopping"
             self.listeners.abort(listeners)
             self.gens.drain(gen, note=why or "", failed=True)
+            # The verdict on the first line; a worker's captured stderr after it.
+            head, _, rest = (why or "").partition("\n")
             suffix = "" if first else "; rolled back, the old generation keeps serving"
-            return failed(f"{why}{suffix}", gen.number)
+            return failed(f"{head}{suffix}" + (f"\n{rest}" if rest else ""), gen.number)
         old = self.gens.activate(gen)
         self.listeners.activate(listeners)
         self.config = config
-        for previous in old:
-            self.gens.drain(previous)
-        self.gens.enforce_drain_cap(config.max_draining)
-        return ReloadOutcome(
-            True,
-            gen.number,
-            f"generation {gen.number} ready"
-            + (f"; generation {', '.join(str(g.number) for g in old)} draining" if old else ""),
-            started,
-            self.clock(),
-            ready=gen.ready_at,
-            old_generations=tuple(g.number for g in old),
-        )
+        stop = await self.handover.replace(gen, old)
+        return stop.outcome(gen, old, started, self.clock())
 
     # -- reloads --------------------------------------------------------------
     def request_reload(self) -> asyncio.Future[ReloadOutcome]:
@@ -293,8 +307,7 @@ class Supervisor:
             except Exception as exc:  # a bug must not wedge every later reload
                 now = self.clock()
                 outcome = ReloadOutcome(False, None, f"internal error: {exc!r}", now, now)
-            self.history.append(outcome)
-            self.log(("reload: " if outcome.ok else "reload failed: ") + outcome.message)
+            record_reload(self, outcome)
             self._current.set_result(outcome)
             self._current, self._next = self._next, None
 
@@ -344,6 +357,8 @@ class Supervisor:
             worker, gen = entry
             if "STATUS" in note.fields:
                 worker.status_text = note.fields["STATUS"]
+            if note.fields.get("STOPPING") == "1" and worker.stopping_at is None:
+                worker.stopping_at = self.clock()  # it stopped accepting (see .handover)
             if note.fields.get("READY") == "1" and worker.state is WorkerState.STARTING:
                 gen.mark_ready(worker, self.clock())
 
@@ -402,6 +417,8 @@ class Supervisor:
                 os.unlink(self.control_path)
         if self.broker is not None:
             self.broker.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.notify is not None:
             loop.remove_reader(self.notify.fileno())
             self.notify.close()
@@ -420,25 +437,7 @@ class Supervisor:
 
     def status(self) -> api.StatusReply:
         """Everything ``nodrop status`` shows."""
-        now = self.clock()
-        return {
-            "pid": os.getpid(),
-            "uptime": round(now - self.started, 3),
-            "reexecs": self.reexecs,
-            "strategy": self.config.strategy.value,
-            "control": self.control_path,
-            "active_generation": None if self.active is None else self.active.number,
-            "reload_in_progress": self.reload_in_progress,
-            "stopping": self._stopping,
-            "generations": [g.to_dict(now) for g in self.generations],
-            "listeners": self.listeners.status(),
-            "reloads": [o.to_dict() for o in self.history],
-            "restarts_last_minute": self.restarts.recent(now),
-            "crash_loop": self.restarts.crash_loop(now),
-            "warnings": list(self.listeners.warnings()) + list(self.warnings_log),
-            "summary": self.status_line(),
-            "handoff": None if self.broker is None else self.broker.stats(),
-        }
+        return build_status(self)
 
     # -- nodrop reexec ---------------------------------------------------------
     def reexec_refusal(self) -> str | None:

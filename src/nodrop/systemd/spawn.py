@@ -22,10 +22,16 @@ from nodrop.systemd.activation import SD_LISTEN_FDS_START, activation_env
 
 SH = "/bin/sh"
 
-# $0 is a label for ps; "$@" is the command. cd only when asked (NODROP_CWD).
+# $0 is a label for ps; "$@" is the command. With a working directory, $1 is
+# it: the shim changes into it (resolving it at that moment) before the exec.
 _SH_SHIM = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+_SH_CD_SHIM = 'cd -P -- "$1" || exit 126; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 _PY_SHIM = (
     "import os,sys;os.environ['LISTEN_PID']=str(os.getpid());os.execvp(sys.argv[1],sys.argv[1:])"
+)
+_PY_CD_SHIM = (
+    "import os,sys;os.chdir(sys.argv[1]);os.environ['PWD']=os.getcwd();"
+    "os.environ['LISTEN_PID']=str(os.getpid());os.execvp(sys.argv[2],sys.argv[2:])"
 )
 
 # Signals a child must start with at their default disposition even if we
@@ -45,8 +51,13 @@ _DEFAULT_SIGNALS = frozenset(
 )
 
 
-def shim_argv(argv: Sequence[str], shell: str | None = SH) -> list[str]:
-    """The argv that runs ``argv`` with ``LISTEN_PID`` set to its own pid (pure)."""
+def shim_argv(argv: Sequence[str], shell: str | None = SH, cwd: str | None = None) -> list[str]:
+    """The argv that runs ``argv`` with ``LISTEN_PID`` set to its own pid, in
+    ``cwd`` if given (pure)."""
+    if cwd is not None:
+        if shell is not None:
+            return [shell, "-c", _SH_CD_SHIM, "nodrop-exec", cwd, *argv]
+        return [sys.executable, "-c", _PY_CD_SHIM, cwd, *argv]
     if shell is not None:
         return [shell, "-c", _SH_SHIM, "nodrop-exec", *argv]
     return [sys.executable, "-c", _PY_SHIM, *argv]
@@ -89,6 +100,7 @@ def spawn(
     stdout: int | None = None,
     stderr: int | None = None,
     process_group: bool = True,
+    cwd: str | None = None,
 ) -> int:
     """Start ``argv`` with ``fds`` passed systemd-style.
 
@@ -101,6 +113,9 @@ def spawn(
         stdin, stdout, stderr: fds for the child's 0, 1, 2 (default: ours).
         process_group: put the child in a new process group of its own, so
             it and its descendants can be signalled together.
+        cwd: the child's working directory (default: ours). The shim changes
+            into it, so a relative command path (``venv/bin/python``) is
+            looked up there; a missing directory makes the child exit 126.
 
     Returns:
         The child's pid (also the pid the command has after the shim's exec).
@@ -119,7 +134,9 @@ def spawn(
         child_env.update(
             activation_env(list(names) if names is not None else ["unknown"] * len(fds))
         )
-        program = shim_argv(argv, _find_shell())
+        program = shim_argv(argv, _find_shell(), cwd)
+    elif cwd is not None:
+        program = shim_argv(argv, _find_shell(), cwd)
     else:
         program = list(argv)
         if "/" not in program[0]:
