@@ -184,7 +184,7 @@ class ReloadOutcome:
     old_generations: tuple[int, ...] = ()
     old_exited: float | None = None
     old_stopped_accepting: dict[str, Any] | None = None
-    """How and when the old generation stopped accepting (:mod:`.handover`)."""
+    """How and when the old generation stopped accepting (:mod:`.switchover`)."""
 
     @property
     def duration(self) -> float:

@@ -45,7 +45,6 @@ from nodrop.supervisor.config import (
 from nodrop.supervisor.control import ControlServer, bind_control
 from nodrop.supervisor.eventlog import EventLog
 from nodrop.supervisor.generations import GenerationSet
-from nodrop.supervisor.handover import Handover
 from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers, lost_is_known
 from nodrop.supervisor.metrics import Metrics
@@ -56,6 +55,7 @@ from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
 from nodrop.supervisor.status import build_status, record_ledger, record_reload
+from nodrop.supervisor.switchover import Switchover
 from nodrop.systemd.notify import notify as sd_notify
 from nodrop.systemd.receiver import NotifyReceiver
 
@@ -136,7 +136,7 @@ class Supervisor:
         )
         self.gens.on_exited = lambda gen: self.ledgers.exited(gen, self.clock())
         self.gens.on_kill = self.ledgers.killing
-        self.handover = Handover(self.gens, listeners, self.ledgers, clock)
+        self.switchover = Switchover(self.gens, listeners, self.ledgers, clock)
         self.history: collections.deque[ReloadOutcome] = collections.deque(maxlen=HISTORY)
         self.warnings_log: collections.deque[str] = collections.deque(maxlen=20)
         self._current: asyncio.Future[ReloadOutcome] | None = None
@@ -285,7 +285,7 @@ class Supervisor:
         old = self.gens.activate(gen)
         self.listeners.activate(listeners)
         self.config = config
-        stop = await self.handover.replace(gen, old)
+        stop = await self.switchover.replace(gen, old)
         return stop.outcome(gen, old, started, self.clock())
 
     # -- reloads --------------------------------------------------------------
@@ -358,7 +358,7 @@ class Supervisor:
             if "STATUS" in note.fields:
                 worker.status_text = note.fields["STATUS"]
             if note.fields.get("STOPPING") == "1" and worker.stopping_at is None:
-                worker.stopping_at = self.clock()  # it stopped accepting (see .handover)
+                worker.stopping_at = self.clock()  # it stopped accepting (see .switchover)
             if note.fields.get("READY") == "1" and worker.state is WorkerState.STARTING:
                 gen.mark_ready(worker, self.clock())
 

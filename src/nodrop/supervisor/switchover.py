@@ -1,4 +1,4 @@
-"""Handing the listeners over: drain the old generation, and know when it has
+"""The switch-over from the old generation to the new: drain the old one, and know when it has
 stopped accepting.
 
 What ``nodrop reload`` promises when it exits 0: every *new* connection is
@@ -146,7 +146,7 @@ def stopped_accepting(worker: Worker, watched: Watched, proc: str = procfs.PROC)
     return not (held & relevant)
 
 
-class Handover:
+class Switchover:
     """Drains the generations a new one replaces and waits, bounded, until
     they have stopped accepting (see the module docstring).
 
