@@ -10,8 +10,8 @@ header is a failure on the request that finds it closed.
   through /fast, /slow, /stream and a 1 MB POST /echo, with idle gaps;
 * :class:`WebSocketClients` -- ``websockets`` sessions sending a message
   every 0.1-0.3 s; a session cut by a reload must be closed with 1012;
-* :func:`run_wrk` -- ``wrk`` keep-alive or ``Connection: close``, cycling
-  through the same four requests (a Lua script).
+* :func:`start_wrk` -- ``wrk`` keep-alive or ``Connection: close``, cycling
+  through the same four requests, /fast five times in eight (a Lua script).
 """
 
 from __future__ import annotations
@@ -215,11 +215,13 @@ local big = string.rep("x", %(echo)d)
 local n = 0
 request = function()
   n = n + 1
-  local k = n %% 4
-  if k == 0 then return wrk.format("GET", "/fast") end
-  if k == 1 then return wrk.format("GET", "/slow") end
-  if k == 2 then return wrk.format("GET", "/stream") end
-  return wrk.format("POST", "/echo", {["Content-Type"] = "application/octet-stream"}, big)
+  local k = n %% 8
+  if k == 5 then return wrk.format("GET", "/slow") end
+  if k == 6 then return wrk.format("GET", "/stream") end
+  if k == 7 then
+    return wrk.format("POST", "/echo", {["Content-Type"] = "application/octet-stream"}, big)
+  end
+  return wrk.format("GET", "/fast")
 end
 """
 
