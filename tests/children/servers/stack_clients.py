@@ -371,3 +371,72 @@ def reload_under_load(
         reports.get("keepalive"),
         reports.get("close"),
     )
+
+
+# -- by hand: python stack_clients.py [--reloads N] [--workers N] -- CMD ... ----------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run CMD under ``nodrop run`` (a temporary control socket), every client
+    at once, N reloads; print what the clients saw. Exit 0 if nothing failed."""
+    import argparse
+    import os
+    import sys
+    import tempfile
+
+    from nodrop.supervisor.control import request
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--reloads", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-ws", action="store_true", help="no WebSocket sessions")
+    parser.add_argument("--run-arg", action="append", default=[], help="extra `nodrop run` option")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([here, *sys.path])
+    with tempfile.TemporaryDirectory() as tmp:
+        control = os.path.join(tmp, "control.sock")
+        log = open(os.path.join(tmp, "log"), "wb")  # noqa: SIM115
+        argv_run = [
+            sys.executable, "-m", "nodrop", "run", "--control", control,
+            "--listen", "tcp://127.0.0.1:0", "--workers", str(args.workers),
+            "--ready-timeout", "20", "--ready-grace", "0.2", *args.run_arg, "--", *command,
+        ]  # fmt: skip
+        sup = subprocess.Popen(argv_run, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: os.path.exists(control), 20)
+            status: dict[str, object] = {}
+
+            def active() -> bool:
+                nonlocal status
+                with contextlib.suppress(Exception):
+                    status = request(control, "status", timeout=5)
+                return bool(status.get("active_generation"))
+
+            wait_until(active, 30)
+            listeners = status["listeners"]
+            port = int(listeners[0]["address"].rsplit(":", 1)[1])  # type: ignore[index]
+            report = reload_under_load(
+                lambda: request(control, "reload", timeout=60),
+                port,
+                args.reloads,
+                Path(tmp),
+                ws_sessions=0 if args.no_ws else 4,
+            )
+            print(report.describe())
+            handoff = request(control, "status", timeout=5).get("handoff")
+            if handoff:
+                print(f"handoff: {handoff}")
+            return 0 if report.failed == 0 else 1
+        finally:
+            with contextlib.suppress(Exception):
+                request(control, "stop", timeout=60)
+            sup.wait(timeout=60)
+            log.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
