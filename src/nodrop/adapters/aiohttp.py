@@ -55,6 +55,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from nodrop.activation import listen_fds
 from nodrop.adapters.accept import Acceptor
+from nodrop.adapters.aiohttp_internals import Tracked
 from nodrop.connhandoff import AsyncHandoff
 from nodrop.errors import ActivationError
 from nodrop.notify import ready, stopping
@@ -110,7 +111,11 @@ class Worker:
         self.runner = web.AppRunner(app, handle_signals=False, **runner_kwargs)
         self.acceptor = Acceptor(self.listeners, self._connect)
         self.draining = False
+        self.draining_to_give = False
         self.close_http = False
+        self.tracked: set[Tracked] = set()
+        self.handed_over = 0
+        self.returned = 0
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.restarted_websockets = 0
         self._closing: set[asyncio.Task[Any]] = set()
@@ -121,17 +126,23 @@ class Worker:
     ) -> None:
         if isinstance(response, web.WebSocketResponse):
             self.websockets.add(response)
-        elif self.close_http:
+        elif self.close_http or (self.draining and self._cannot_move(request)):
             # aiohttp has chosen the Connection header before this signal: set
             # it, and make the connection end after this response.
             response.force_close()
             response.headers["Connection"] = "close"
 
+    def _cannot_move(self, request: web.Request) -> bool:
+        handler = request.protocol
+        return not any(t.handler is handler and not t.unknown for t in self.tracked)
+
     async def _connect(self, sock: socket.socket, prefix: bytes) -> None:
         server = self.runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(server, sock, ssl=self.ssl_context)
+        await loop.connect_accepted_socket(
+            lambda: Tracked(server(), prefix, self.tracked, self), sock, ssl=self.ssl_context
+        )
 
     @property
     def connections(self) -> list[RequestHandler]:
@@ -187,16 +198,52 @@ class Worker:
         self.acceptor.stop()
         await self.acceptor.settle()
         stopping(status="aiohttp draining")
+        give = self.handoff is not None and self.ssl_context is None
         if self.handoff is not None:
+            # Connections already on their way to us are adopted, then given on.
             await self.handoff.stop_receiving()
         self.draining = True
-        self.close_http = True
+        self.draining_to_give = give
+        self.close_http = not give
+        if give:
+            for conn in list(self.tracked):
+                if not conn.unknown and conn.body_remaining == 0:
+                    conn.pause()
         deadline = loop.time() + self.drain_timeout
         while self.connections and loop.time() < deadline:
             self._restart_websockets()
+            if self.draining_to_give:
+                await self._give_idle()
+            for conn in list(self.tracked):
+                if conn.paused and (conn.unknown or conn.handler._upgraded):
+                    conn.resume()
             await asyncio.sleep(POLL)
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=max(0.0, deadline - loop.time()) + 1)
+
+    async def _give_idle(self) -> None:
+        assert self.handoff is not None
+        batch = []
+        for conn in list(self.tracked):
+            prefix = conn.handoff_prefix()
+            if prefix is not None:
+                batch.append((conn.detach(), prefix))
+        if not batch:
+            return
+        result = await self.handoff.give([s for s, _ in batch], [p for _, p in batch])
+        self.handed_over += result.placed
+        if result.returned:
+            # Nobody can take them: serve them here, and end every connection
+            # after its next response from now on (the classic drain).
+            self.returned += len(result.returned)
+            self.draining_to_give = False
+            self.close_http = True
+            for conn in list(self.tracked):
+                conn.resume()
+            for index in result.returned:
+                sock, prefix = batch[index]
+                self.acceptor.adopt(sock, prefix)
+            await self.acceptor.settle()
 
 
 # -- running it -------------------------------------------------------------------

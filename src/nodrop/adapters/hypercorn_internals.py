@@ -66,6 +66,9 @@ TESTED_VERSIONS = {"hypercorn": "0.18.0", "h11": "0.16.0"}
 
 STREAM_LIMIT = 2**16
 """The ``StreamReader`` limit ``asyncio.start_server`` gives hypercorn."""
+RESCAN = 0.05
+"""While handing over: how often to look for connections that turned idle
+without telling (no response went out on them)."""
 EXTRA_DRAIN = 1.0
 """After the drain timeout: how long idle connections get to close, then the
 rest is cancelled."""
@@ -151,7 +154,22 @@ class Connection(TCPServer):
         sock = socket.socket(fileno=os.dup(raw.fileno()))  # os.dup: close-on-exec
         sock.setblocking(False)
         transport.abort()
+        self.end_if_gone()
         return sock
+
+    def end_if_gone(self) -> None:
+        """End the connection's task if its peer (or the handoff) took it away.
+
+        When the client closes an idle connection, hypercorn's connection task
+        lingers until the keep-alive timer fires (``TCPServer.run`` leaves its
+        task group only once the idle task ends); a drain would wait for it.
+        """
+        wrapper = getattr(self, "protocol", None)
+        proto = getattr(wrapper, "protocol", None)
+        if self.reader.at_eof() and getattr(proto, "stream", None) is None:
+            task = asyncio.ensure_future(self.idle_task.stop())
+            self.owner.background.add(task)
+            task.add_done_callback(self.owner.background.discard)
 
     async def goaway(self) -> None:
         """HTTP/2: send GOAWAY, so the client opens new streams elsewhere."""
@@ -166,6 +184,7 @@ class Connections:
 
     def __init__(self) -> None:
         self.live: set[Connection] = set()
+        self.background: set[asyncio.Future[None]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.changed = asyncio.Event()
         self.give_idle = False
@@ -359,7 +378,14 @@ class Worker:
                 break
             conns.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conns.changed.wait(), remaining)
+                await asyncio.wait_for(conns.changed.wait(), min(remaining, RESCAN))
+            if conns.give_idle:
+                # Connections that turned idle without a response (adopted
+                # ones handed on, fresh ones whose request never came).
+                for conn in list(conns.live):
+                    conns.try_detach(conn)
+            for conn in list(conns.live):
+                conn.end_if_gone()
         # Past the deadline: idle connections close now (as hypercorn's own
         # shutdown does), requests still running get a moment, then are cancelled.
         await self._context.terminated.set()

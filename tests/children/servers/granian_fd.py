@@ -20,12 +20,12 @@ import asyncio
 import signal
 from typing import Any
 
+import stack_starlette
 from granian._granian import SocketHolder
 from granian.constants import Interfaces
 from granian.server.embed import Server
 
 import nodrop
-import stack_starlette
 
 BACKLOG = 1024
 

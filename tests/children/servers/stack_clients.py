@@ -208,9 +208,72 @@ class WebSocketClients:
         return number
 
 
+class IdleConnections:
+    """Many kept-alive connections that sit idle between checks.
+
+    Each :meth:`check` sends one ``GET /fast`` on every connection, as is
+    (never reconnecting), and says which generations answered.
+    """
+
+    def __init__(self, port: int, count: int, timeout: float = 10.0) -> None:
+        self.port = port
+        self.conns = [
+            http.client.HTTPConnection("127.0.0.1", port, timeout=timeout) for _ in range(count)
+        ]
+        self.ports: list[int] = []
+
+    def __enter__(self) -> IdleConnections:
+        for conn in self.conns:
+            conn.connect()
+            self.ports.append(conn.sock.getsockname()[1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for conn in self.conns:
+            conn.close()
+
+    def check(self) -> tuple[int, list[str], Counter[str]]:
+        """(answered on the same connection, failures, answers per generation)."""
+        ok, failures, generations = 0, [], Counter[str]()
+        for index, conn in enumerate(self.conns):
+            if conn.sock is None:
+                failures.append(f"connection {index} was closed by the server")
+                continue
+            port = conn.sock.getsockname()[1]
+            try:
+                conn.request("GET", "/fast")
+                response = conn.getresponse()
+                body = response.read().decode()
+            except Exception as exc:
+                failures.append(f"connection {index}: {type(exc).__name__}: {exc}")
+                conn.close()
+                continue
+            if response.status != 200 or port != self.ports[index]:
+                failures.append(f"connection {index}: status {response.status}, port {port}")
+                continue
+            if response.will_close:
+                failures.append(f"connection {index}: answered with Connection: close")
+            ok += 1
+            match = re.search(r"gen=(\S+)", body)
+            generations[match.group(1) if match else "?"] += 1
+        return ok, failures, generations
+
+
 # -- wrk ------------------------------------------------------------------------
 
 WRK_SCRIPT = """
+closes = 0
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body)
+  local value = headers["Connection"] or headers["connection"] or ""
+  if string.lower(value) == "close" then closes = closes + 1 end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, thread in ipairs(threads) do total = total + thread:get("closes") end
+  io.write(string.format("responses with Connection: close: %%d\\n", total))
+end
 local big = string.rep("x", %(echo)d)
 local n = 0
 request = function()
@@ -228,6 +291,7 @@ end
 _SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 _REQUESTS = re.compile(r"(\d+) requests in ")
+_CLOSES = re.compile(r"responses with Connection: close: (\d+)")
 
 
 @dataclass(frozen=True)
@@ -236,6 +300,8 @@ class WrkReport:
     errors: tuple[int, int, int, int] = (0, 0, 0, 0)
     non_2xx: int = 0
     text: str = ""
+    closes: int = 0
+    """Responses that said ``Connection: close`` (each costs wrk a reconnect)."""
 
     @property
     def failed(self) -> int:
@@ -248,12 +314,14 @@ def parse_wrk(text: str) -> WrkReport:
         raise ValueError(f"not a wrk report:\n{text}")
     errors = _SOCKET_ERRORS.search(text)
     non_2xx = _NON_2XX.search(text)
+    closes = _CLOSES.search(text)
     counts = tuple(int(n) for n in errors.groups()) if errors else (0, 0, 0, 0)
     return WrkReport(
         int(requests.group(1)),
         counts,  # type: ignore[arg-type]
         int(non_2xx.group(1)) if non_2xx else 0,
         text,
+        int(closes.group(1)) if closes else 0,
     )
 
 
@@ -319,7 +387,8 @@ class RunReport:
             if report is not None:
                 lines.append(
                     f"wrk {name}: {report.requests} requests, errors "
-                    f"(connect, read, write, timeout) {report.errors}, non-2xx {report.non_2xx}"
+                    f"(connect, read, write, timeout) {report.errors}, non-2xx {report.non_2xx}, "
+                    f"Connection: close {report.closes}"
                 )
         return "\n".join(lines)
 
@@ -334,6 +403,7 @@ def reload_under_load(
     ws_sessions: int = 4,
     wrk_connections: int = 8,
     wrk: bool = True,
+    wrk_close: bool = True,
     max_gap: float = 0.5,
     settle: float = 1.0,
 ) -> RunReport:
@@ -343,7 +413,7 @@ def reload_under_load(
     procs: dict[str, subprocess.Popen[str]] = {}
     budget = 30 + reloads * 10
     if wrk:
-        for name, keepalive in (("keepalive", True), ("close", False)):
+        for name, keepalive in (("keepalive", True), ("close", False))[: 2 if wrk_close else 1]:
             procs[name] = start_wrk(
                 port, budget, workdir, keepalive=keepalive, connections=wrk_connections
             )
