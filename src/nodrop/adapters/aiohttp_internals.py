@@ -29,7 +29,7 @@ import asyncio
 import importlib.metadata
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 from aiohttp.web_protocol import RequestHandler
 
@@ -123,8 +123,8 @@ class Tracked(asyncio.Protocol):
     # -- asyncio.Protocol, forwarded -------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
+        self.transport = cast(asyncio.Transport, transport)
         self.registry.add(self)
         self.handler.connection_made(transport)
         if self.prefix:
