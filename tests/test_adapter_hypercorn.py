@@ -128,3 +128,38 @@ def test_a_broken_version_is_rolled_back_with_its_reason(
     assert load.tally.failures == [], load.tally.summary()
     assert load.tally.ok > 5
     assert sup.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("httpx") is None, reason="httpx is not installed")
+def test_http2_connections_are_sent_a_goaway(
+    supervised: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    """HTTP/2 (prior knowledge): the request in flight at the reload completes
+    on the old generation; the client's next request goes to the new one,
+    without an error (GOAWAY, not a closed connection)."""
+    import concurrent.futures
+
+    import httpx
+
+    cfg = tmp_path / "nodrop.toml"
+    write_config(cfg, hypercorn_command("asyncio"), "good")
+    sup = supervised("--config", str(cfg), command=[], env={"STARTUP_SECONDS": "0.3"})
+    url = f"http://127.0.0.1:{sup.port()}"
+    with (
+        httpx.Client(http1=False, http2=True, timeout=10) as client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        before = client.get(f"{url}/fast")
+        assert before.http_version == "HTTP/2" and "gen=1 " in before.text
+        in_flight = pool.submit(client.get, f"{url}/slow")
+        time.sleep(0.1)
+        assert sup.reload()["ok"]
+        assert "gen=1 " in in_flight.result().text
+        # Requests sent before the GOAWAY arrives are still the old one's.
+        deadline = time.monotonic() + 10
+        while "gen=2 " not in (after := client.get(f"{url}/fast")).text:
+            assert "gen=1 " in after.text and time.monotonic() < deadline, after.text
+            time.sleep(0.05)
+        assert after.http_version == "HTTP/2"
+    assert sup.stop() == 0
