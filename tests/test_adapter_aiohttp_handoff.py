@@ -29,7 +29,7 @@ from supervisor_harness import Start, Supervised
 SERVERS = HERE / "children" / "servers"
 sys.path.insert(0, str(SERVERS))
 
-from stack_clients import IdleConnections, reload_under_load  # noqa: E402
+from stack_clients import IdleConnections, connection_summary, reload_under_load  # noqa: E402
 
 RELOADS = int(os.environ.get("NODROP_STACK_RELOADS", "5"))
 IDLE = 500
@@ -119,3 +119,8 @@ def test_keepalive_load_across_reloads_fails_and_reconnects_nothing(
     assert report.http.ok > 50 and report.wrk_keepalive.requests > 50
     assert sup.status()["handoff"]["placed"] > 0
     assert sup.stop() == 0
+    # wrk reconnects silently: count the connections the servers accepted.
+    # 8 http.client and 8 wrk connections, each accepted once, then only moved.
+    accepted, adopted, handed_over = connection_summary(sup.log())
+    assert accepted == 16, (accepted, adopted, handed_over, sup.log()[-2000:])
+    assert adopted == handed_over > 0

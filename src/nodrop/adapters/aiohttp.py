@@ -144,6 +144,13 @@ class Worker:
             lambda: Tracked(server(), prefix, self.tracked, self), sock, ssl=self.ssl_context
         )
 
+    def summary(self) -> str:
+        """What this worker did with connections, for its last log line."""
+        return (
+            f"connections: accepted {self.acceptor.accepted}, adopted {self.acceptor.adopted}, "
+            f"handed over {self.handed_over}, returned {self.returned}"
+        )
+
     @property
     def connections(self) -> list[RequestHandler]:
         server = self.runner.server
@@ -277,6 +284,7 @@ async def serve(
         **runner_kwargs,
     )
     await worker.run()
+    print(f"{PROG}: {worker.summary()}", file=sys.stderr, flush=True)
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

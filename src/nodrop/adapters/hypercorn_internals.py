@@ -260,6 +260,13 @@ class Worker:
         self._context: WorkerContext | None = None
         self._state: dict[str, Any] = {}
 
+    def summary(self) -> str:
+        """What this worker did with connections, for its last log line."""
+        return (
+            f"connections: accepted {self.acceptor.accepted}, adopted {self.acceptor.adopted}, "
+            f"handed over {self.handed_over}, returned {self.returned}"
+        )
+
     @property
     def can_hand_over(self) -> bool:
         # With a read timeout, Python 3.11's wait_for reads in a task of its

@@ -347,6 +347,18 @@ def finish_wrk(proc: subprocess.Popen[str], timeout: float = 60) -> WrkReport:
     return parse_wrk(out)
 
 
+_SUMMARY = re.compile(r"connections: accepted (\d+), adopted (\d+), handed over (\d+)")
+
+
+def connection_summary(log: str) -> tuple[int, int, int]:
+    """(accepted, adopted, handed over), summed over every worker's last log line."""
+    totals = [0, 0, 0]
+    for match in _SUMMARY.finditer(log):
+        for index in range(3):
+            totals[index] += int(match.group(index + 1))
+    return totals[0], totals[1], totals[2]
+
+
 def wait_until(predicate: object, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
