@@ -131,6 +131,6 @@ def test_keepalive_load_across_reloads_fails_and_reconnects_nothing(
     summaries = [line for line in log.splitlines() if "connections:" in line]
     served = [f"[g{g}.w{w}] " for g in range(1, RELOADS + 2) for w in (1, 2)]
     assert all(any(line.startswith(p) for line in summaries) for p in served), summaries
-    accepted, adopted, handed_over = connection_summary(log)
+    accepted, _adopted, handed_over = connection_summary(log)
     assert accepted == 8 + 8 + 1, summaries
     assert handed_over > 0, summaries
