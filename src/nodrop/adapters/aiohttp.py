@@ -177,6 +177,9 @@ class Worker:
             ready(status="aiohttp serving")
             await stop.wait()
             await self._drain()
+            # Logged before on_shutdown/on_cleanup, not at exit: the supervisor
+            # may stop reading a worker's output as soon as it has exited.
+            print(f"{PROG}: {self.summary()}", file=sys.stderr, flush=True)
         finally:
             if self.handoff is not None:
                 self.handoff.close()
@@ -284,7 +287,6 @@ async def serve(
         **runner_kwargs,
     )
     await worker.run()
-    print(f"{PROG}: {worker.summary()}", file=sys.stderr, flush=True)
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -147,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.run(worker.run())
     except StartupFailed as exc:
         return fail(f"application start-up failed: {last_line(str(exc))}")
-    print(f"{PROG}: {worker.summary()}", file=sys.stderr, flush=True)
     return 0
 
 

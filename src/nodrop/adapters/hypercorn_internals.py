@@ -349,6 +349,9 @@ class Worker:
             terminate.cancel()
             stopped.cancel()
             await self._drain()
+            # Logged before the lifespan shutdown, not at exit: the supervisor
+            # may stop reading a worker's output as soon as it has exited.
+            print(f"nodrop.adapters.hypercorn: {self.summary()}", file=sys.stderr, flush=True)
         finally:
             if self.handoff is not None:
                 self.handoff.close()
