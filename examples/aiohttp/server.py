@@ -1,23 +1,20 @@
-"""aiohttp under `nodrop run`: the inherited socket in a ``web.SockSite``.
+"""aiohttp under `nodrop run`, through ``nodrop.adapters.aiohttp``.
 
     nodrop run --listen tcp://0.0.0.0:8000 -- python server.py
+    nodrop run --listen tcp://0.0.0.0:8000 --handoff -- python server.py
 
-``web.run_app(app, sock=listener.socket)`` also works, but on SIGTERM it
-closes its server and then every connection with no request in progress,
-including ones accepted an instant before: a few requests per reload fail in
-new-connection mode (measured). Here the drain stops accepting first
-(``nodrop.adapters.drain.stop_accepting``), lets those connections read
-their request, and only then runs aiohttp's graceful cleanup.
+(or, with no ``__main__`` of your own: ``python -m nodrop.adapters.aiohttp
+server:create_app``). ``run_app`` serves the inherited sockets, says
+``READY=1`` once ``on_startup`` has run, and drains without failing a request:
+see README.md.
 """
 
-import asyncio
 import os
-import signal
+import sys
 
 from aiohttp import web
 
-import nodrop
-from nodrop.adapters.drain import DEFAULT_SETTLE, stop_accepting
+from nodrop.adapters.aiohttp import run_app
 
 BODY = f"gen={os.environ.get('NODROP_GENERATION', '?')} pid={os.getpid()}\n"
 
@@ -26,20 +23,13 @@ async def hello(request: web.Request) -> web.Response:
     return web.Response(text=BODY)
 
 
-async def main() -> None:
+def create_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", hello)
-    (listener,) = nodrop.listen_fds()
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, listener.socket).start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    nodrop.ready()
-    await stop.wait()
-    await stop_accepting([listener.socket], settle=DEFAULT_SETTLE)
-    await runner.cleanup()  # finishes the requests in flight
+    return app
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # A keep-alive timeout shorter than the drain: idle connections are then
+    # never closed earlier than steady state would close them.
+    sys.exit(run_app(create_app, keepalive_timeout=15, access_log=None))
