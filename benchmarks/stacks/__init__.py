@@ -1,0 +1,18 @@
+"""The stack matrix: real apps on the servers people deploy, strict clients,
+reloads under ``nodrop run`` and under each server's own reload.
+
+* :mod:`stacks.cells`: the table of cells (one dataclass per stack), and
+  where each cell's command line is written;
+* :mod:`stacks.outcomes`: failure classes and what a client reports;
+* :mod:`stacks.httpclients`: ``http.client``, ``httpx`` and ``aiohttp``
+  keep-alive clients; :mod:`stacks.wsclient`: WebSocket sessions;
+  :mod:`stacks.wrk`: ``wrk`` in close and keep-alive mode;
+* :mod:`stacks.launch`: start a cell (under ``nodrop run``, or the server's
+  own master for the baseline rows), reload it, stop it;
+* :mod:`stacks.exercise`: clients running while the reloads go through;
+* :mod:`stacks.table`: the results table.
+
+The apps live in ``tests/stacks/apps`` (see ``stackapp.py`` there). The
+script ``benchmarks/stacks.py`` runs the matrix; ``tests/test_stacks.py`` is
+its short form in CI.
+"""
