@@ -175,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for cell in selected:
             print(f"{cell.id:<40} {cell.kind.value:<6} {shlex.join(cell.command())}")
         return 0
-    load = Load(
-        connections=args.connections, wrk_connections=args.wrk_connections, seed=args.seed
-    )
+    load = Load(connections=args.connections, wrk_connections=args.wrk_connections, seed=args.seed)
     print(f"nodrop from {Path(nodrop.__file__).parent}", flush=True)
     results = []
     began = time.monotonic()
@@ -214,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in results
         if r["kind"] == "nodrop"
         and not r.get("skipped")
-        and (r.get("error") or any(c["failed"] or c["error"] for c in r.get("clients", {}).values()))
+        and (
+            r.get("error") or any(c["failed"] or c["error"] for c in r.get("clients", {}).values())
+        )
     ]
     return 1 if bad else 0
 

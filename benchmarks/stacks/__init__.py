@@ -12,7 +12,7 @@ reloads under ``nodrop run`` and under each server's own reload.
 * :mod:`stacks.exercise`: clients running while the reloads go through;
 * :mod:`stacks.table`: the results table.
 
-The apps live in ``tests/stacks/apps`` (see ``stackapp.py`` there). The
+The apps live in ``tests/stack_apps`` (see ``stackapp.py`` there). The
 script ``benchmarks/stacks.py`` runs the matrix; ``tests/test_stacks.py`` is
 its short form in CI.
 """

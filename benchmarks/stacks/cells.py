@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-APPS = REPO / "tests" / "stacks" / "apps"
+APPS = REPO / "tests" / "stack_apps"
 PY = sys.executable
 
 # -- the command lines: edit here -------------------------------------------------------

@@ -86,7 +86,9 @@ class ThreadedClient:
 
     def warmed(self) -> bool:
         """Every connection has had a first answer (or the client broke)."""
-        return self.report.ok + self.report.failed >= self.connections or self.report.error is not None
+        return (
+            self.report.ok + self.report.failed >= self.connections or self.report.error is not None
+        )
 
     def stop(self, timeout: float = 30.0) -> ClientReport:
         """Finish the requests in flight, close, and report."""
@@ -152,7 +154,11 @@ class HttpClientClient(ThreadedClient):
                     try:
                         conn.connect()
                     except OSError as exc:
-                        kind = Failure.REFUSED if isinstance(exc, ConnectionRefusedError) else _send_failure(exc)
+                        kind = (
+                            Failure.REFUSED
+                            if isinstance(exc, ConnectionRefusedError)
+                            else _send_failure(exc)
+                        )
                         self.report.fail(kind, endpoint.label, f"connect: {exc!r}")
                         conn.close()
                         conn = None
@@ -243,7 +249,9 @@ class HttpxClient(ThreadedClient):
                 try:
                     response = client.send(request, stream=True)
                 except httpx.HTTPError as exc:
-                    self.report.fail(_httpx_failure(exc), endpoint.label, repr(exc), last_generation)
+                    self.report.fail(
+                        _httpx_failure(exc), endpoint.label, repr(exc), last_generation
+                    )
                     failed = True
                     continue
                 try:
@@ -381,7 +389,7 @@ class AiohttpClient(ThreadedClient):
                     ) as response:
                         try:
                             data = await response.read()
-                        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                             kind = (
                                 Failure.TIMEOUT
                                 if isinstance(exc, asyncio.TimeoutError)
@@ -393,7 +401,7 @@ class AiohttpClient(ThreadedClient):
                         header_generation = response.headers.get("X-Generation")
                         if response.headers.get("Connection", "").lower() == "close":
                             self.report.reconnected()
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     self.report.fail(_aiohttp_failure(exc), endpoint.label, repr(exc))
                     continue
                 finally:
@@ -407,4 +415,3 @@ class AiohttpClient(ThreadedClient):
         except Exception as exc:
             self.report.error = f"aiohttp task crashed: {exc!r}"
             raise
-

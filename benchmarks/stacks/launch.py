@@ -19,13 +19,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stacks.cells import APPS, Cell, Kind
-
 from nodrop.supervisor.control import request
+from stacks.cells import APPS, Cell, Kind
 
 DEFAULT_STARTUP = 1.0
 START_TIMEOUT = 60.0
@@ -41,6 +41,16 @@ class ReloadResult:
     message: str
     duration: float
     generation: int | None = None
+
+    @classmethod
+    def from_answer(cls, answer: dict[str, Any], elapsed: float) -> ReloadResult:
+        """From the control socket's answer to ``reload``."""
+        return cls(
+            bool(answer.get("ok")),
+            str(answer.get("message")),
+            float(answer.get("duration") or elapsed),
+            answer.get("generation"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +87,24 @@ def nodrop_run_args(cell: Cell, config: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def wait_drained(status: Callable[[], dict[str, Any] | None], timeout: float = DRAIN_WAIT) -> bool:
+    """Poll ``nodrop status`` until no generation is starting or draining.
+
+    Returns:
+        False if one still was after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = status()
+        if answer is None:
+            return True
+        busy = [g for g in answer["generations"] if g["state"] in ("draining", "starting")]
+        if not busy and not answer.get("reload_in_progress"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class StartError(Exception):
     """The stack did not come up; the message carries its log's tail."""
 
@@ -111,10 +139,8 @@ class Stack:
             return None
         if proc.poll() is None:
             self._ask_to_stop()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
         code = proc.wait(timeout=10)
@@ -195,27 +221,10 @@ class NodropStack(Stack):
             answer = request(self.control, "reload", wait="ready", timeout=RELOAD_TIMEOUT)
         except Exception as exc:
             return ReloadResult(False, f"control socket: {exc!r}", time.monotonic() - started)
-        return ReloadResult(
-            bool(answer.get("ok")),
-            str(answer.get("message")),
-            float(answer.get("duration") or time.monotonic() - started),
-            answer.get("generation"),
-        )
+        return ReloadResult.from_answer(answer, time.monotonic() - started)
 
     def settle(self) -> None:
-        deadline = time.monotonic() + DRAIN_WAIT
-        while time.monotonic() < deadline:
-            status = self._status()
-            if status is None:
-                return
-            busy = [
-                g
-                for g in status["generations"]
-                if g["state"] in ("draining", "starting")
-            ]
-            if not busy and not status.get("reload_in_progress"):
-                return
-            time.sleep(0.05)
+        wait_drained(self._status)
 
     def _ask_to_stop(self) -> None:
         try:
@@ -231,7 +240,9 @@ class OwnStack(Stack):
     ``STACKS_READY_FILE`` once its start-up completed. A reload is done when
     every old worker has exited and as many new ones reported ready."""
 
-    def __init__(self, cell: Cell, workdir: Path, startup: float = DEFAULT_STARTUP, workers: int = 2) -> None:
+    def __init__(
+        self, cell: Cell, workdir: Path, startup: float = DEFAULT_STARTUP, workers: int = 2
+    ) -> None:
         super().__init__(cell, workdir)
         self.startup = startup
         self.workers = workers
@@ -247,7 +258,11 @@ class OwnStack(Stack):
             self.port = sock.getsockname()[1]
             fd = sock.fileno()
             os.set_inheritable(fd, True)
-            env = dict(os.environ, PYTHONPATH=child_pythonpath(), **app_env(self.cell, "good", self.startup))
+            env = dict(
+                os.environ,
+                PYTHONPATH=child_pythonpath(),
+                **app_env(self.cell, "good", self.startup),
+            )
             env["STACKS_READY_FILE"] = str(self.ready_file)
             for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "NODROP_GENERATION"):
                 env.pop(name, None)
@@ -257,7 +272,9 @@ class OwnStack(Stack):
         while len(self._live()) < self.workers:
             self._check_alive(self.cell.id)
             if time.monotonic() > deadline:
-                raise StartError(f"{len(self._live())} of {self.workers} workers ready after {START_TIMEOUT:g}s\n{self.log()}")
+                raise StartError(
+                    f"{len(self._live())} of {self.workers} workers ready after {START_TIMEOUT:g}s\n{self.log()}"
+                )
             time.sleep(0.05)
         return self
 
@@ -276,10 +293,8 @@ class OwnStack(Stack):
             if pid in self._seen:
                 continue
             self._seen.add(pid)
-            try:
+            with contextlib.suppress(ProcessLookupError):  # already gone
                 self._pidfds[pid] = os.pidfd_open(pid)
-            except ProcessLookupError:
-                pass  # already gone
         live = set()
         for pid, pidfd in list(self._pidfds.items()):
             if select.select([pidfd], [], [], 0)[0]:  # readable: the process exited
@@ -299,9 +314,17 @@ class OwnStack(Stack):
             live = self._live()
             new = live - old
             if not (live & old) and len(new) >= self.workers:
-                return ReloadResult(True, f"workers {sorted(old)} replaced by {sorted(new)}", time.monotonic() - started)
+                return ReloadResult(
+                    True,
+                    f"workers {sorted(old)} replaced by {sorted(new)}",
+                    time.monotonic() - started,
+                )
             if self.proc.poll() is not None:
-                return ReloadResult(False, f"the master exited with {self.proc.returncode}", time.monotonic() - started)
+                return ReloadResult(
+                    False,
+                    f"the master exited with {self.proc.returncode}",
+                    time.monotonic() - started,
+                )
             if time.monotonic() > deadline:
                 return ReloadResult(
                     False,

@@ -81,7 +81,9 @@ def generation_of(headers_generation: str | None, body: bytes) -> str:
     return m.group(1).decode() if m else "?"
 
 
-def judge(endpoint: Endpoint, status: int, body: bytes, payload: bytes) -> tuple[Failure, str] | None:
+def judge(
+    endpoint: Endpoint, status: int, body: bytes, payload: bytes
+) -> tuple[Failure, str] | None:
     """None if the answer is what steady state gives, else why not (pure)."""
     if status >= 500:
         return Failure.HTTP_5XX, f"{status}: {body[:120]!r}"

@@ -46,12 +46,15 @@ def render(results: Sequence[dict[str, Any]], clients: Sequence[str] = CLIENTS) 
             if client.get("error"):
                 notes.append(f"{result['id']} {name}: client error: {client['error']}")
             parts = [f"{k} {v}" for k, v in sorted(client["failures"].items())]
-            parts += [f"[{k} {v}]" for k, v in sorted(client.get("extra", {}).items()) if k != "requests"]
-            if client["failures"] or client.get("extra"):
-                if parts:
-                    notes.append(f"{result['id']} {name}: " + ", ".join(parts))
+            parts += [
+                f"[{k} {v}]" for k, v in sorted(client.get("extra", {}).items()) if k != "requests"
+            ]
+            if parts:
+                notes.append(f"{result['id']} {name}: " + ", ".join(parts))
     lines.append("")
-    lines.append("failed/attempts per client; rN: reconnects the server asked for (Connection: close, WebSocket 1012)")
+    lines.append(
+        "failed/attempts per client; rN: reconnects the server asked for (Connection: close, WebSocket 1012)"
+    )
     if notes:
         lines.append("")
         lines.append("by class ([...]: counted, not failures):")

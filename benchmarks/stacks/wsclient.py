@@ -61,7 +61,10 @@ class WebSocketClient(ThreadedClient):
                         reply = ws.recv(timeout=self.timeout)
                         if reply != message:
                             self.report.fail(
-                                Failure.WS_ECHO_BAD, "ws", f"sent {message!r}, got {reply!r}", generation
+                                Failure.WS_ECHO_BAD,
+                                "ws",
+                                f"sent {message!r}, got {reply!r}",
+                                generation,
                             )
                             break
                         self.report.succeeded(generation)

@@ -53,13 +53,21 @@ async def http(scope: Scope, receive: Receive, send: Send) -> None:
         await _respond(send, 200, f"slow {stackapp.identity()}\n".encode(), text)
     elif method == "GET" and path == "/stream":
         await send(
-            {"type": "http.response.start", "status": 200, "headers": _headers(b"text/event-stream")}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": _headers(b"text/event-stream"),
+            }
         )
         for index in range(stackapp.STREAM_CHUNKS):
             if index:
                 await asyncio.sleep(stackapp.STREAM_INTERVAL)
             await send(
-                {"type": "http.response.body", "body": stackapp.stream_event(index), "more_body": True}
+                {
+                    "type": "http.response.body",
+                    "body": stackapp.stream_event(index),
+                    "more_body": True,
+                }
             )
         await send({"type": "http.response.body", "body": b""})
     elif method == "POST" and path == "/echo":

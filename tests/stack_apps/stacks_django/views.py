@@ -9,7 +9,9 @@ import stackapp
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, StreamingHttpResponse
 
 
-def _with_identity(response: HttpResponse | StreamingHttpResponse) -> HttpResponse | StreamingHttpResponse:
+def _with_identity(
+    response: HttpResponse | StreamingHttpResponse,
+) -> HttpResponse | StreamingHttpResponse:
     for name, value in stackapp.headers():
         response[name] = value
     return response

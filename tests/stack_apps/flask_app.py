@@ -21,12 +21,16 @@ def create_app() -> Flask:
 
     @flask_app.get("/fast")
     def fast() -> Response:
-        return Response(f"fast {stackapp.identity()}\n", mimetype="text/plain", headers=stackapp.headers())
+        return Response(
+            f"fast {stackapp.identity()}\n", mimetype="text/plain", headers=stackapp.headers()
+        )
 
     @flask_app.get("/slow")
     def slow() -> Response:
         time.sleep(stackapp.SLOW_SECONDS)
-        return Response(f"slow {stackapp.identity()}\n", mimetype="text/plain", headers=stackapp.headers())
+        return Response(
+            f"slow {stackapp.identity()}\n", mimetype="text/plain", headers=stackapp.headers()
+        )
 
     @flask_app.get("/stream")
     def stream() -> Response:

@@ -1,0 +1,205 @@
+"""The stack matrix in CI: real apps on the servers people deploy, under
+``nodrop run``, with the strictest clients.
+
+For every cell of ``benchmarks/stacks/cells.py`` (FastAPI on uvicorn with
+asyncio+h11 and with uvloop+httptools, on gunicorn's three ASGI worker
+classes and on hypercorn; plain ASGI; aiohttp; Django and Flask on gunicorn
+sync and gthread):
+
+* five reloads while ``http.client`` (persistent connections, idle gaps,
+  /fast + /slow + /stream + 1 MB /echo, never retrying) and ``wrk`` (a new
+  connection per request) run: zero failed requests;
+* a new version whose start-up raises (``APP_VERSION=broken-start``) or
+  whose module does not import (``import-error``): ``nodrop reload`` exits 1
+  with the reason on its own line, and the old generation keeps serving
+  with zero failed requests while the clients run.
+
+The full form (10 reloads, every client, the servers' own reloads side by
+side) is ``python benchmarks/stacks.py``. A cell whose server or client is
+not installed is skipped with the reason. No cell is marked as expected to
+fail: a failing cell fails, with every failure listed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from stacks.cells import APPS, CELLS, Cell, Kind  # noqa: E402
+from stacks.exercise import STRICT_CLIENTS, ClientSet, Load, Reloads, check_loop, probe  # noqa: E402
+from stacks.launch import (  # noqa: E402
+    ReloadResult,
+    app_env,
+    child_pythonpath,
+    nodrop_run_args,
+    wait_drained,
+    write_env_config,
+)
+from stacks.mix import STREAM_EVENTS  # noqa: E402
+
+from supervisor_harness import Supervised  # noqa: E402
+
+RELOADS = 5
+GAP = 0.5
+"""Seconds of traffic after each reload is ready, before the next."""
+STARTUP = 1.0
+"""The apps' start-up time (lifespan, on_startup, WSGI import)."""
+LOAD = Load(connections=4, wrk_connections=16)
+MIN_ANSWERED = {"http.client": 10, "wrk-close": 200}
+"""Below this many answers a client barely ran, and its zero proves nothing."""
+MIN_ANSWERED_ROLLBACK = {"http.client": LOAD.connections, "wrk-close": 100}
+"""A rollback takes a few seconds: every connection answered at least once."""
+
+NODROP_CELLS = [c for c in CELLS if c.kind is Kind.NODROP]
+
+
+def params(cells: list[Cell]) -> list[Any]:
+    return [pytest.param(cell, id=cell.id) for cell in cells]
+
+
+def skip_if_missing(cell: Cell) -> None:
+    missing = cell.missing() or (None if shutil.which("wrk") else "wrk is not installed")
+    if missing:
+        pytest.skip(missing)
+
+
+def start_cell(
+    supervise: Callable[..., Supervised], tmp_path: Path, cell: Cell
+) -> tuple[Supervised, Path]:
+    """The cell under ``nodrop run`` (the supervise fixture stops it); its
+    ``--config`` holds the app version the next generation starts with."""
+    config = tmp_path / "nodrop.toml"
+    write_env_config(config, app_env(cell, "good", STARTUP))
+    sup = supervise(
+        *nodrop_run_args(cell, config),
+        command=cell.command(),
+        env={"PYTHONPATH": child_pythonpath()},
+    )
+    return sup, config
+
+
+def reload_through(sup: Supervised) -> Callable[[], ReloadResult]:
+    def reload() -> ReloadResult:
+        started = time.monotonic()
+        return ReloadResult.from_answer(sup.reload(), time.monotonic() - started)
+
+    return reload
+
+
+def status_or_none(sup: Supervised) -> Callable[[], dict[str, Any] | None]:
+    return lambda: sup.status() if sup.proc.poll() is None else None
+
+
+def assert_clients_clean(
+    clients: ClientSet, sup: Supervised, what: str, minimum: dict[str, int]
+) -> None:
+    log = sup.log()[-4000:]
+    assert clients.failed == 0, f"{what}:\n{clients.describe()}\n--- supervisor log ---\n{log}"
+    for report in clients.reports:
+        wanted = minimum.get(report.client, 1)
+        assert report.ok >= wanted, (
+            f"{report.client} barely ran ({report.ok} answers)\n{clients.describe()}"
+        )
+
+
+def test_clients_and_apps_agree_on_the_stream() -> None:
+    sys.path.insert(0, str(APPS))
+    try:
+        import stackapp
+    finally:
+        sys.path.remove(str(APPS))
+    assert stackapp.STREAM_CHUNKS == STREAM_EVENTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", params(NODROP_CELLS))
+def test_reloads_under_strict_clients_fail_nothing(
+    cell: Cell, supervise: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    skip_if_missing(cell)
+    sup, _ = start_cell(supervise, tmp_path, cell)
+    port = sup.port()
+    assert check_loop(cell, port) is None, check_loop(cell, port)
+    reloads = Reloads()
+    with ClientSet(port, STRICT_CLIENTS, cell, LOAD) as clients:
+        reloads.run(reload_through(sup), RELOADS, GAP)
+        drained = wait_drained(status_or_none(sup))
+    assert reloads.ok == RELOADS, f"{reloads.to_list()}\n{sup.log()[-4000:]}"
+    assert drained, f"an old generation was still draining\n{sup.status()}"
+    assert_clients_clean(
+        clients, sup, f"{cell.id}: failed requests across {RELOADS} reloads", MIN_ANSWERED
+    )
+    # The reloads really happened: the last generation answers.
+    assert probe(port).get("x-generation") == str(RELOADS + 1)
+
+
+BROKEN_VERSIONS = {
+    # APP_VERSION -> what the app says when it fails (stackapp.py)
+    "broken-start": "start-up failed on purpose",
+    "import-error": "stacks_module_this_version_forgot_to_install",
+}
+
+
+def rollback_problems(
+    version: str, outcome: subprocess.CompletedProcess[str], active: int, log: str
+) -> list[str]:
+    """What is wrong with how ``nodrop reload`` handled a broken version."""
+    problems = []
+    if BROKEN_VERSIONS[version] not in log:
+        # Not nodrop's fault but the test's: the new version must have failed
+        # the way it was meant to, or its rollback proves nothing.
+        problems.append(
+            f"{version}: the app's error {BROKEN_VERSIONS[version]!r} is not in the log"
+        )
+    if outcome.returncode != 1:
+        problems.append(f"{version}: `nodrop reload` exited {outcome.returncode}, not 1")
+    lines = outcome.stdout.splitlines()
+    if not lines or not lines[0].startswith("reload failed: ") or lines[0] == "reload failed: ":
+        problems.append(f"{version}: no 'reload failed: REASON' line first")
+    if active != 1:
+        problems.append(f"{version}: generation {active} is active, not the old generation 1")
+    if problems:
+        problems.append(f"  stdout: {outcome.stdout.strip()}\n  stderr: {outcome.stderr.strip()}")
+    return problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", params(NODROP_CELLS))
+def test_broken_new_versions_are_rolled_back(
+    cell: Cell, supervise: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    """A start-up that raises, then a module that does not import: each
+    reload exits 1 with the reason, the old generation serves on."""
+    skip_if_missing(cell)
+    sup, config = start_cell(supervise, tmp_path, cell)
+    port = sup.port()
+    problems: list[str] = []
+    with ClientSet(port, STRICT_CLIENTS, cell, LOAD) as clients:
+        for version in BROKEN_VERSIONS:
+            write_env_config(config, app_env(cell, version, STARTUP))
+            outcome = sup.cli("reload")
+            active = sup.status()["active_generation"]
+            found = rollback_problems(version, outcome, active, sup.log())
+            problems += found
+            if outcome.returncode == 0:
+                break  # the broken version now serves: the next step would prove nothing
+        drained = wait_drained(status_or_none(sup))
+    assert not problems, "\n".join(problems) + f"\n--- supervisor log ---\n{sup.log()[-4000:]}"
+    assert drained, f"a failed generation was still there\n{sup.status()}"
+    assert_clients_clean(
+        clients,
+        sup,
+        f"{cell.id}: failed requests while broken versions were rolled back",
+        MIN_ANSWERED_ROLLBACK,
+    )
+    assert probe(port).get("x-generation") == "1"
