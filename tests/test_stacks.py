@@ -50,7 +50,7 @@ from stacks.mix import STREAM_EVENTS  # noqa: E402
 from supervisor_harness import Supervised  # noqa: E402
 
 RELOADS = 5
-GAP = 0.5
+GAP = 0.3
 """Seconds of traffic after each reload is ready, before the next."""
 STARTUP = 1.0
 """The apps' start-up time (lifespan, on_startup, WSGI import)."""

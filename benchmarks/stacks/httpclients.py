@@ -85,7 +85,8 @@ class ThreadedClient:
             thread.start()
 
     def warmed(self) -> bool:
-        """Every connection has had a first answer (or the client broke)."""
+        """As many answers as connections (each starts with a /fast at once),
+        or the client broke."""
         return (
             self.report.ok + self.report.failed >= self.connections or self.report.error is not None
         )
@@ -101,9 +102,10 @@ class ThreadedClient:
             self.report.error = f"threads still running {timeout:g}s after stop: {stuck}"
         return self.report
 
-    def idle(self, rng: random.Random) -> bool:
-        """The idle gap before the next request; False once stopping."""
-        return not self.stopping.wait(rng.uniform(0.0, self.max_idle))
+    def idle(self, rng: random.Random, first: bool = False) -> bool:
+        """The idle gap before the next request (none before the first, so the
+        clients are all busy at once); False once stopping."""
+        return not self.stopping.wait(0.0 if first else rng.uniform(0.0, self.max_idle))
 
     def _guarded(self, index: int, rng: random.Random) -> None:
         try:
@@ -147,8 +149,10 @@ class HttpClientClient(ThreadedClient):
         asked_to_reconnect = False
         last_generation = "?"
         try:
-            while self.idle(rng):
-                endpoint = self.mix.choose(rng)
+            first = True
+            while self.idle(rng, first):
+                endpoint = Endpoint.FAST if first else self.mix.choose(rng)
+                first = False
                 if conn is None:
                     conn = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
                     try:
@@ -242,8 +246,10 @@ class HttpxClient(ThreadedClient):
         with httpx.Client(
             base_url=f"http://{HOST}:{self.port}", timeout=self.timeout, limits=limits
         ) as client:
-            while self.idle(rng):
-                endpoint = self.mix.choose(rng)
+            first = True
+            while self.idle(rng, first):
+                endpoint = Endpoint.FAST if first else self.mix.choose(rng)
+                first = False
                 body = payload if endpoint is Endpoint.ECHO else None
                 request = client.build_request(endpoint.method, endpoint.path, content=body)
                 try:
@@ -366,9 +372,10 @@ class AiohttpClient(ThreadedClient):
             ]
             await asyncio.gather(*tasks)
 
-    async def _idle(self, rng: random.Random) -> bool:
+    async def _idle(self, rng: random.Random, first: bool) -> bool:
+        gap = 0.0 if first else rng.uniform(0.0, self.max_idle)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_event.wait(), rng.uniform(0.0, self.max_idle))
+            await asyncio.wait_for(self._stop_event.wait(), gap)
         return not self._stop_event.is_set()
 
     async def _connection(self, session: Any, rng: random.Random) -> None:
@@ -376,8 +383,10 @@ class AiohttpClient(ThreadedClient):
 
         payload = make_payload(rng)
         try:
-            while await self._idle(rng):
-                endpoint = self.mix.choose(rng)
+            first = True
+            while await self._idle(rng, first):
+                endpoint = Endpoint.FAST if first else self.mix.choose(rng)
+                first = False
                 ctx = SimpleNamespace(connections=0)
                 data = b""
                 try:
