@@ -25,6 +25,7 @@ examples:
   python benchmarks/stacks.py --cells fastapi/uvicorn-h11 --reloads 3
   python benchmarks/stacks.py --cells django/ --clients http.client wrk-close
   python benchmarks/stacks.py --list
+  python benchmarks/stacks.py --reloads 0 --steady 20            # control run: steady state only
   PYTHONPATH=/path/to/branch/src python benchmarks/stacks.py   # another nodrop
 """
 
@@ -96,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds of traffic after each reload is ready, before the next (default 1)",
     )
     parser.add_argument(
+        "--steady",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds of traffic before the first reload (default 0); with --reloads 0, "
+        "a control run: what steady state fails, which no reload is to blame for",
+    )
+    parser.add_argument(
         "--startup",
         type=float,
         default=DEFAULT_STARTUP,
@@ -145,6 +154,7 @@ def run_cell(cell: cells_mod.Cell, args: argparse.Namespace, load: Load) -> dict
             reloads = Reloads()
             deadline = started + args.cell_timeout
             with ClientSet(stack.port, args.clients, cell, load) as clients:
+                time.sleep(args.steady)  # traffic with no reload: the control
                 for _ in range(args.reloads):
                     if time.monotonic() > deadline:
                         result["error"] = f"cell timeout: {len(reloads.results)} reloads done"

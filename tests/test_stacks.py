@@ -23,8 +23,10 @@ fail: a failing cell fails, with every failure listed.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +37,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from stacks.cells import APPS, CELLS, Cell, Kind  # noqa: E402
+from stacks.cells import APPS, CELLS, Cell, Kind, select  # noqa: E402
 from stacks.exercise import STRICT_CLIENTS, ClientSet, Load, Reloads, check_loop, probe  # noqa: E402
+from stacks.httpclients import HttpClientClient, HttpxClient  # noqa: E402
 from stacks.launch import (  # noqa: E402
     ReloadResult,
     app_env,
@@ -45,7 +48,9 @@ from stacks.launch import (  # noqa: E402
     wait_drained,
     write_env_config,
 )
-from stacks.mix import STREAM_EVENTS  # noqa: E402
+from stacks.mix import STREAM_EVENTS, Endpoint, Mix, judge  # noqa: E402
+from stacks.outcomes import Failure  # noqa: E402
+from stacks.wrk import WrkClient  # noqa: E402
 
 from supervisor_harness import Supervised  # noqa: E402
 
@@ -174,7 +179,7 @@ def rollback_problems(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", params(NODROP_CELLS))
+@pytest.mark.parametrize("cell", params([c for c in NODROP_CELLS if c.rollback_test]))
 def test_broken_new_versions_are_rolled_back(
     cell: Cell, supervise: Callable[..., Supervised], tmp_path: Path
 ) -> None:
@@ -203,3 +208,137 @@ def test_broken_new_versions_are_rolled_back(
         MIN_ANSWERED_ROLLBACK,
     )
     assert probe(port).get("x-generation") == "1"
+
+
+# -- the harness itself: it must see what it claims to see --------------------------
+
+
+class OneShotServer:
+    """A keep-alive HTTP/1.1 server on 127.0.0.1:0 (a thread) that closes each
+    connection after one response: with ``Connection: close`` (a signal the
+    client can act on) or silently (no signal: the client's next request on
+    that connection must fail)."""
+
+    def __init__(self, signal_close: bool, answers: int) -> None:
+        self.signal_close = signal_close
+        self.answers = answers
+        self.served = 0
+        self.done = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> OneShotServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        header = b"Connection: close\r\n" if self.signal_close else b""
+        body = b"fast gen=1 pid=1\n"
+        while not self.done.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                if not request:
+                    continue
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Generation: 1\r\n%s\r\n%s"
+                    % (len(body), header, body)
+                )
+                self.served += 1
+                if self.served >= self.answers:
+                    self.done.set()
+
+
+def run_client(client: Any, server: OneShotServer) -> Any:
+    client.start()
+    assert server.done.wait(20), f"the client sent {server.served} requests"
+    return client.stop()
+
+
+FAST_ONLY = Mix(fast=1, slow=0, stream=0, echo=0)
+
+
+def test_http_client_counts_a_silent_close_as_a_failure() -> None:
+    with OneShotServer(signal_close=False, answers=4) as server:
+        report = run_client(
+            HttpClientClient(server.port, connections=1, mix=FAST_ONLY, max_idle=0.05), server
+        )
+    assert report.failures["eof"] + report.failures["reset"] >= 2, report.describe()
+    assert report.reconnects == 0, report.describe()
+
+
+@pytest.mark.parametrize("client_class", [HttpClientClient, HttpxClient])
+def test_connection_close_is_a_reconnect_not_a_failure(client_class: type[Any]) -> None:
+    with OneShotServer(signal_close=True, answers=4) as server:
+        report = run_client(
+            client_class(server.port, connections=1, mix=FAST_ONLY, max_idle=0.05), server
+        )
+    assert report.failed == 0, report.describe()
+    assert report.reconnects >= 3, report.describe()
+
+
+JUDGED = [
+    (Endpoint.FAST, 200, b"fast gen=2 pid=9\n", None),
+    (Endpoint.FAST, 503, b"busy", Failure.HTTP_5XX),
+    (Endpoint.SLOW, 404, b"no", Failure.BAD_STATUS),
+    (Endpoint.SLOW, 200, b"", Failure.PROTOCOL),
+    (Endpoint.ECHO, 200, b"abc", None),
+    (Endpoint.ECHO, 200, b"ab", Failure.ECHO_BAD),
+    (Endpoint.ECHO, 200, b"abd", Failure.ECHO_BAD),
+    (
+        Endpoint.STREAM,
+        200,
+        b"".join(b"data: %d gen=1 pid=2\n\n" % i for i in range(STREAM_EVENTS)),
+        None,
+    ),
+    (
+        Endpoint.STREAM,
+        200,
+        b"".join(b"data: %d gen=1 pid=2\n\n" % i for i in range(STREAM_EVENTS - 1)),
+        Failure.STREAM_TRUNCATED,
+    ),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "status", "body", "expected"), JUDGED)
+def test_judge(endpoint: Endpoint, status: int, body: bytes, expected: Failure | None) -> None:
+    verdict = judge(endpoint, status, body, b"abc")
+    assert (verdict[0] if verdict else None) is expected
+
+
+def test_wrk_summary_becomes_a_report() -> None:
+    client = WrkClient(1, close=True)
+    client._fill(
+        "  100 requests in 1.00s, 1MB read\n"
+        "  Socket errors: connect 0, read 3, write 1, timeout 0\n"
+        "  Non-2xx or 3xx responses: 2\n"
+    )
+    assert client.report.ok == 98
+    assert dict(client.report.failures) == {"read": 3, "write": 1, "non-2xx": 2}
+    client._dir.cleanup()
+
+
+def test_cells_select_by_id_or_prefix() -> None:
+    assert [c.id for c in select(["fastapi/uvicorn-h11"])] == ["fastapi/uvicorn-h11"]
+    assert {c.id for c in select(["django/"], own=False)} == {
+        "django/gunicorn-sync",
+        "django/gunicorn-gthread",
+    }
+    with pytest.raises(ValueError, match="no cell matches"):
+        select(["nosuch"])
