@@ -33,7 +33,8 @@ PY = sys.executable
 UVICORN = (PY, "-m", "nodrop.adapters.uvicorn")
 GUNICORN = (PY, "-m", "gunicorn", "-c", "python:nodrop.adapters.gunicorn")
 HYPERCORN = (PY, "-m", "nodrop.adapters.hypercorn")
-AIOHTTP = (PY, str(APPS / "aiohttp_app.py"))
+AIOHTTP = (PY, str(APPS / "aiohttp_app.py"))  # the README's recipe, in the app's __main__
+AIOHTTP_ADAPTER = (PY, "-m", "nodrop.adapters.aiohttp")  # not on main yet: skipped there
 # gunicorn options every gunicorn cell shares. gunicorn's default keep-alive (2 s)
 # is shorter than the clients' idle gaps (up to 2 s): a steady-state race the
 # reloads are not to blame for, so the cells use 5 s, uvicorn's and hypercorn's
@@ -191,6 +192,14 @@ CELLS: tuple[Cell, ...] = (
         modules=("aiohttp",),
         loop=ASYNCIO,
         note="web.Application on the inherited socket (the README's recipe)",
+    ),
+    Cell(
+        "aiohttp/aiohttp-adapter",
+        "aiohttp",
+        (*AIOHTTP_ADAPTER, "aiohttp_app:create_app"),
+        modules=("aiohttp", "nodrop.adapters.aiohttp"),
+        loop=ASYNCIO,
+        note="the app factory served by nodrop's aiohttp adapter",
     ),
     Cell(
         "django/gunicorn-sync",
