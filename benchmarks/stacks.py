@@ -151,6 +151,8 @@ def run_cell(cell: cells_mod.Cell, args: argparse.Namespace, load: Load) -> dict
             return result
         try:
             result["loop_check"] = check_loop(cell, stack.port)
+            if result["loop_check"]:  # measured all the same, but the cell is not what it says
+                result["error"] = result["loop_check"]
             reloads = Reloads()
             deadline = started + args.cell_timeout
             with ClientSet(stack.port, args.clients, cell, load) as clients:
@@ -164,7 +166,7 @@ def run_cell(cell: cells_mod.Cell, args: argparse.Namespace, load: Load) -> dict
             result["reloads"] = reloads.to_list()
             result["clients"] = summarize(clients.reports)
             if clients.warm_error:
-                result["error"] = clients.warm_error
+                result["error"] = "; ".join(filter(None, [result.get("error"), clients.warm_error]))
             if isinstance(stack, NodropStack):
                 result["active_generation"] = stack.status().get("active_generation")
         finally:
