@@ -134,7 +134,8 @@ def test_reloads_under_strict_clients_fail_nothing(
     skip_if_missing(cell)
     sup, _ = start_cell(supervise, tmp_path, cell)
     port = sup.port()
-    assert check_loop(cell, port) is None, check_loop(cell, port)
+    wrong_loop = check_loop(cell, port)
+    assert wrong_loop is None, wrong_loop
     reloads = Reloads()
     with ClientSet(port, STRICT_CLIENTS, cell, LOAD) as clients:
         reloads.run(reload_through(sup), RELOADS, GAP)
