@@ -42,7 +42,20 @@ AIOHTTP_ADAPTER = (PY, "-m", "nodrop.adapters.aiohttp")  # not on main yet: skip
 GUNICORN_OPTIONS = ("--workers", "2", "--keep-alive", "5", "--graceful-timeout", "30")
 QUIET = ("--log-level", "warning")
 # The servers' own command lines, for the `own` rows ({fd}: the listening socket).
-OWN_UVICORN = (PY, "-m", "uvicorn", "--fd", "{fd}", "--workers", "2")
+# uvicorn gives a new worker 5 s (--timeout-worker-healthcheck) to be ready, then
+# aborts the restart and keeps the old one: on a loaded 2-core machine a 1 s start-up
+# misses that, and the "reload" silently does not happen. 30 s lets it happen.
+OWN_UVICORN = (
+    PY,
+    "-m",
+    "uvicorn",
+    "--fd",
+    "{fd}",
+    "--workers",
+    "2",
+    "--timeout-worker-healthcheck",
+    "30",
+)
 OWN_GUNICORN = (PY, "-m", "gunicorn", "--bind", "fd://{fd}")
 OWN_HYPERCORN = (PY, "-m", "hypercorn", "--bind", "fd://{fd}", "--workers", "2")
 # ---------------------------------------------------------------------------------------

@@ -326,9 +326,11 @@ class OwnStack(Stack):
                     time.monotonic() - started,
                 )
             if time.monotonic() > deadline:
+                last = self.log(400).strip().splitlines()[-1:] or [""]
                 return ReloadResult(
                     False,
-                    f"after {RELOAD_TIMEOUT:g}s: old {sorted(live & old)} still up, new ready {sorted(new)}",
+                    f"after {RELOAD_TIMEOUT:g}s: old {sorted(live & old)} still up, "
+                    f"new ready {sorted(new)}; server log: {last[0]}",
                     time.monotonic() - started,
                 )
             time.sleep(0.02)
