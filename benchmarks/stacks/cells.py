@@ -10,7 +10,18 @@ Two kinds of rows:
 
 **Every command line is written once, in the block below**: when an adapter
 changes its command, edit it there and every cell, test and benchmark
-follows. Run one cell: ``python benchmarks/stacks.py --cells fastapi/uvicorn-h11``.
+follows. Run one cell::
+
+    python benchmarks/stacks.py --cells fastapi/uvicorn-h11 --reloads 3
+    pytest tests/test_stacks.py -k fastapi/uvicorn-h11
+
+granian 2.8.7 has no cell: neither its command line nor its public API takes
+a listening socket (it binds ``--host/--port`` or ``--uds`` itself, and on
+Linux each worker builds its own TCP listener from the address). Its private
+``granian._granian.SocketHolder(fd, uds, backlog)``, put in place by
+overriding the private ``Server._init_shared_socket``, does serve an
+inherited socket under ``nodrop run`` (tried by hand: one reload, answered by
+both generations), but nothing public supports it.
 """
 
 from __future__ import annotations

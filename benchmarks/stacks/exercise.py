@@ -157,17 +157,9 @@ class Reloads:
     def ok(self) -> int:
         return sum(r.ok for r in self.results)
 
-    def run(
-        self,
-        reload: Callable[[], ReloadResult],
-        count: int,
-        gap: float,
-        before_each: Callable[[int], None] | None = None,
-    ) -> None:
+    def run(self, reload: Callable[[], ReloadResult], count: int, gap: float) -> None:
         """``count`` reloads, each after the previous one's outcome and a gap."""
-        for index in range(count):
-            if before_each is not None:
-                before_each(index)
+        for _ in range(count):
             self.results.append(reload())
             time.sleep(gap)  # the load pattern: traffic between reloads, not a wait for an event
 
