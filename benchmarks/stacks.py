@@ -7,7 +7,8 @@ rows, under the server's own master -- waits until it serves, starts the
 clients, reloads it N times (each reload waits for the new generation to be
 ready, then a short gap of traffic), waits for the last old generation to
 drain, stops the clients and the stack, and prints one table. Nothing is
-retried; every failure is recorded with its class.
+retried; every failure is recorded with its class. Exit status 1 if a
+request failed in any nodrop cell (the +own rows are there to compare).
 
 Clients (all at once, on persistent connections unless said otherwise):
   http.client    stdlib, never retries: the strictest. A request meeting EOF or
