@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,18 +25,12 @@ from nodrop.load.control_reloader import ControlReloader
 from nodrop.supervisor.control import request
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(handoff: bool, workdir: str) -> tuple[subprocess.Popen[bytes], str, int]:
-    port = free_port()
+    """The demo app under `nodrop run` on port 0; the port is read back from its status."""
     control = os.path.join(workdir, f"control-{int(handoff)}.sock")
     argv = [
         sys.executable, "-m", "nodrop", "run", "--control", control,
-        "--listen", f"tcp://127.0.0.1:{port}", "--workers", "2", "--ready-grace", "0.05",
+        "--listen", "tcp://127.0.0.1:0", "--workers", "2", "--ready-grace", "0.05",
         "--handoff" if handoff else "--no-handoff",
         "--", sys.executable, "-m", "nodrop.demo.app",
     ]  # fmt: skip
@@ -47,7 +40,9 @@ def start(handoff: bool, workdir: str) -> tuple[subprocess.Popen[bytes], str, in
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if request(control, "status", timeout=2).get("active_generation"):
+            status = request(control, "status", timeout=2)
+            if status.get("active_generation"):
+                port = int(status["listeners"][0]["address"].rsplit(":", 1)[1])
                 return proc, control, port
         except Exception:
             pass

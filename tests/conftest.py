@@ -10,6 +10,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,6 +97,16 @@ def procs() -> Iterator[Procs]:
         yield owner
     finally:
         owner.cleanup()
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A port that refuses connections for the whole test: bound (port 0) but
+    never listening, so the kernel answers a SYN with RST and no other test
+    can take the port meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:

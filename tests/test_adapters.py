@@ -23,7 +23,7 @@ import pytest
 
 from conftest import HERE
 from nodrop.adapters.drain import drain, stop_accepting
-from supervisor_harness import Start, Supervised, free_port, http_get
+from supervisor_harness import Start, Supervised, http_get
 
 SERVERS = HERE / "children" / "servers"
 PY = sys.executable
@@ -185,10 +185,10 @@ def supervised(supervise: Start) -> Callable[..., Supervised]:
     return _start
 
 
-def write_config(path: Path, port: int, command: list[str], version: str, **env: str) -> None:
+def write_config(path: Path, command: list[str], version: str, **env: str) -> None:
     lines = [
         "command = [" + ", ".join(f'"{c}"' for c in command) + "]",
-        f'listen = ["tcp://127.0.0.1:{port}"]',
+        'listen = ["tcp://127.0.0.1:0"]',  # the port picked at start is kept on reload
         "ready_timeout = 15",
         "ready_grace = 0.5",
         "[env]",
@@ -232,14 +232,14 @@ def test_hypercorn_adapter_needs_inherited_sockets(monkeypatch: pytest.MonkeyPat
 def test_asgi_adapter_says_ready_after_startup_and_rolls_back_a_failing_one(
     supervised: Callable[..., Supervised], tmp_path: Path, command: list[str]
 ) -> None:
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
-    write_config(cfg, port, command, "good", STARTUP_SECONDS="0.8")
+    write_config(cfg, command, "good", STARTUP_SECONDS="0.8")
     started = time.monotonic()
     sup = supervised("--config", str(cfg), command=[])
     assert time.monotonic() - started >= 0.8, "READY=1 before the app's start-up completed"
+    port = sup.port()
     assert http_get(port) == "version=good"
-    write_config(cfg, port, command, "broken-start")
+    write_config(cfg, command, "broken-start")
     answer = sup.reload()
     assert not answer["ok"], answer
     assert "rolled back" in answer["message"]
@@ -256,12 +256,12 @@ def test_asgi_adapter_says_ready_after_startup_and_rolls_back_a_failing_one(
 def test_gunicorn_version_that_fails_to_import(
     supervised: Callable[..., Supervised], tmp_path: Path, command: list[str], reload_ok: bool
 ) -> None:
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
-    write_config(cfg, port, command, "good")
+    write_config(cfg, command, "good")
     sup = supervised("--config", str(cfg), command=[])
+    port = sup.port()
     assert http_get(port) == "version=good"
-    write_config(cfg, port, command, "broken-import", IMPORT_SECONDS="1")
+    write_config(cfg, command, "broken-import", IMPORT_SECONDS="1")
     answer = sup.reload()
     # Plain gunicorn says READY=1 before its workers import the app: the
     # broken version is taken as ready and the good one drained -- it then

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import CHILDREN, Procs, wait_for
 from nodrop.systemd.receiver import NotifyReceiver
-from supervisor_harness import Supervised, free_port, http_get
+from supervisor_harness import Supervised, http_get
 
 WORKER = [sys.executable, str(CHILDREN / "servers" / "pid1_worker.py")]
 
@@ -115,18 +115,18 @@ def pid1_dir(tmp_path: Path) -> Iterator[Path]:
 def test_pid1_reaps_orphans_and_stops_gracefully_on_sigterm(
     procs: Procs, tmp_path: Path, pid1_dir: Path
 ) -> None:
-    port = free_port()
     sup, pid1 = as_pid1(
         procs,
         tmp_path,
         "--listen",
-        f"tcp://127.0.0.1:{port}",
+        "tcp://127.0.0.1:0",
         "--ready-grace",
         "0",
         command=[*WORKER, "--dir", str(pid1_dir)],
     )
     try:
         assert sup.status()["pid"] == 1  # PID 1 of its namespace
+        port = sup.port()
         assert "gen=1" in http_get(port)
         # The orphan was re-parented to PID 1 (it saw getppid() == 1) and exited.
         wait_for(lambda: (pid1_dir / "orphan-1").exists(), what="the orphan to exit")

@@ -13,7 +13,7 @@ import pytest
 from conftest import Procs, wait_for
 from nodrop.load import LoadConfig, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
-from supervisor_harness import SERVER, Start, free_port, http_get
+from supervisor_harness import SERVER, Start, http_get
 
 
 def test_twenty_reloads_under_load_drop_nothing(supervise: Start) -> None:
@@ -65,13 +65,15 @@ BROKEN = [
 ]
 
 
-def write_config(
-    path: Path, port: int, tag: str, extra: list[str] | None = None, **keys: Any
-) -> None:
+WEB = "tcp://127.0.0.1:0?name=web"
+"""Port 0: the kernel picks a port once; every reload keeps it (the listener's name)."""
+
+
+def write_config(path: Path, tag: str, extra: list[str] | None = None, **keys: Any) -> None:
     command = [*SERVER, "--tag", tag, *(extra or [])]
     lines = [
         f"command = {command!r}".replace("'", '"'),
-        f'listen = ["tcp://127.0.0.1:{port}?name=web"]',
+        f'listen = ["{WEB}"]',
     ]
     lines += [f"{k} = {v!r}".replace("'", '"') for k, v in keys.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -83,12 +85,12 @@ def write_config(
 def test_broken_new_version_rolls_back_and_old_keeps_serving(
     supervise: Start, tmp_path: Path, extra: list[str], message: str, detail: str
 ) -> None:
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
-    write_config(cfg, port, "v1", ready_timeout=1, ready_grace=0.5)
+    write_config(cfg, "v1", ready_timeout=1, ready_grace=0.5)
     sup = supervise("--config", str(cfg), command=[])
+    port = sup.port()
     assert "tag=v1" in http_get(port)
-    write_config(cfg, port, "v2", extra, ready_timeout=1, ready_grace=0.5)
+    write_config(cfg, "v2", extra, ready_timeout=1, ready_grace=0.5)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         load = pool.submit(
             run_load,
@@ -113,7 +115,7 @@ def test_broken_new_version_rolls_back_and_old_keeps_serving(
     assert status["active_generation"] == 1
     assert status["reloads"][-1]["ok"] is False
     # A fixed version goes through afterwards.
-    write_config(cfg, port, "v3", ready_timeout=5, ready_grace=0)
+    write_config(cfg, "v3", ready_timeout=5, ready_grace=0)
     assert sup.cli("reload").returncode == 0
     assert "tag=v3" in http_get(port)
 
@@ -121,12 +123,11 @@ def test_broken_new_version_rolls_back_and_old_keeps_serving(
 def test_drain_that_ignores_sigterm_is_killed_at_the_timeout(
     supervise: Start, tmp_path: Path
 ) -> None:
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
-    write_config(cfg, port, "stubborn", ["--ignore-term"], drain_timeout=1, ready_grace=0)
+    write_config(cfg, "stubborn", ["--ignore-term"], drain_timeout=1, ready_grace=0)
     sup = supervise("--config", str(cfg), command=[])
     old_pid = sup.status()["generations"][0]["workers"][0]["pid"]
-    write_config(cfg, port, "v2", drain_timeout=1, ready_grace=0)
+    write_config(cfg, "v2", drain_timeout=1, ready_grace=0)
     answer = sup.reload(wait="drained")
     assert answer["ok"]
     drained_after = answer["old_exited"] - answer["ready"]
@@ -162,21 +163,22 @@ def test_three_reloads_at_once_end_consistent(supervise: Start) -> None:
 def test_config_reload_adds_and_removes_listeners_keeping_the_kept_one(
     supervise: Start, tmp_path: Path
 ) -> None:
-    keep, drop, add = free_port(), free_port(), free_port()
     cfg = tmp_path / "nodrop.toml"
     command = [*SERVER, "--tag", "v1"]
     cfg.write_text(
         f"command = {command!r}\n".replace("'", '"')
-        + f'listen = ["tcp://127.0.0.1:{keep}?name=keep", "tcp://127.0.0.1:{drop}?name=drop"]\n'
+        + 'listen = ["tcp://127.0.0.1:0?name=keep", "tcp://127.0.0.1:0?name=drop"]\n'
         + "ready_grace = 0\n"
     )
     sup = supervise("--config", str(cfg), command=[])
     before = {item["name"]: item["inode"] for item in sup.status()["listeners"]}
+    keep, drop = sup.port("keep"), sup.port("drop")
     # The kept one with a new backlog: still the same kernel socket (listen(2)
-    # again updates the backlog in place).
+    # again updates the backlog in place) on the same port (port 0 keeps the
+    # port it got, by name).
     cfg.write_text(
         f"command = {command!r}\n".replace("'", '"')
-        + f'listen = ["tcp://127.0.0.1:{add}?name=add", "tcp://127.0.0.1:{keep}?name=keep&backlog=64"]\n'
+        + 'listen = ["tcp://127.0.0.1:0?name=add", "tcp://127.0.0.1:0?name=keep&backlog=64"]\n'
         + "ready_grace = 0\n"
     )
     answer = sup.reload(wait="drained")
@@ -186,8 +188,9 @@ def test_config_reload_adds_and_removes_listeners_keeping_the_kept_one(
     assert after["keep"] == before["keep"], "the kept listener must be the same kernel socket"
     assert listeners["keep"]["backlog"] == 64
     assert set(after) == {"keep", "add"}
+    assert sup.port("keep") == keep
     assert "gen=2" in http_get(keep)
-    assert "gen=2" in http_get(add)
+    assert "gen=2" in http_get(sup.port("add"))
     with pytest.raises(ConnectionRefusedError):
         http_get(drop)
 
@@ -195,20 +198,15 @@ def test_config_reload_adds_and_removes_listeners_keeping_the_kept_one(
 def test_bind_error_in_new_config_keeps_old_generation(supervise: Start, tmp_path: Path) -> None:
     import socket
 
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
-    write_config(cfg, port, "v1", ready_grace=0)
+    write_config(cfg, "v1", ready_grace=0)
     sup = supervise("--config", str(cfg), command=[])
+    port = sup.port()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         busy = squatter.getsockname()[1]
-        cfg.write_text(
-            cfg.read_text().replace(
-                f'"tcp://127.0.0.1:{port}?name=web"',
-                f'"tcp://127.0.0.1:{port}?name=web", "tcp://127.0.0.1:{busy}"',
-            )
-        )
+        cfg.write_text(cfg.read_text().replace(f'"{WEB}"', f'"{WEB}", "tcp://127.0.0.1:{busy}"'))
         done = sup.cli("reload")
     assert done.returncode == 1
     assert f"cannot listen on tcp://127.0.0.1:{busy}" in done.stdout
@@ -357,12 +355,12 @@ def test_reexec_keeps_serving_with_the_same_pid_sockets_and_workers(supervise: S
 
 
 def test_drain_cap_kills_the_oldest_draining_generation(supervise: Start, tmp_path: Path) -> None:
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
     write_config(
-        cfg, port, "stubborn", ["--ignore-term"], drain_timeout=60, ready_grace=0, max_draining=1
+        cfg, "stubborn", ["--ignore-term"], drain_timeout=60, ready_grace=0, max_draining=1
     )
     sup = supervise("--config", str(cfg), command=[])
+    port = sup.port()
     assert sup.reload()["ok"]  # generation 1 drains (and ignores SIGTERM)
     assert sup.reload()["ok"]  # generation 2 drains too: over the cap of 1
     wait_for(

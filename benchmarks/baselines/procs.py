@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from nodrop.load.http import ResponseParser, build_request
 
@@ -21,11 +21,23 @@ from nodrop.load.http import ResponseParser, build_request
 POLL = 0.005
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel considers free right now (there is a small race on a shared host)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def reserved_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port of our own for a server that binds it itself, held while the row runs.
+
+    A socket bound to port 0 and never listening keeps the port: the kernel
+    gives it to no one else's ``bind(0)``, and a connection to it is refused
+    while nothing listens. It has ``SO_REUSEADDR`` and ``SO_REUSEPORT`` set,
+    so the server may bind the same port (nginx, gunicorn and HAProxy set
+    ``SO_REUSEADDR``, the demo app ``SO_REUSEPORT``); since it never listens,
+    it never receives a connection. (Binding, closing and reusing a port
+    instead races with every other process on the host.)
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])
 
 
 def spawn(
