@@ -18,11 +18,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+from typing import Any
 
 from nodrop.load import LoadConfig, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
 from nodrop.supervisor.control import request
+from nodrop.testing.waiting import wait_for
 
 
 def start(handoff: bool, workdir: str) -> tuple[subprocess.Popen[bytes], str, int]:
@@ -37,21 +38,24 @@ def start(handoff: bool, workdir: str) -> tuple[subprocess.Popen[bytes], str, in
     log = open(os.path.join(workdir, f"supervisor-{int(handoff)}.log"), "wb")  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def serving() -> dict[str, Any] | None:
+        if proc.poll() is not None:
+            raise TimeoutError("the supervisor exited")
         try:
             status = request(control, "status", timeout=2)
-            if status.get("active_generation"):
-                port = int(status["listeners"][0]["address"].rsplit(":", 1)[1])
-                return proc, control, port
         except Exception:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(10)
-    raise SystemExit(f"the supervisor did not start; see {workdir}")
+            return None
+        return status if status.get("active_generation") else None
+
+    try:
+        status = wait_for(serving, 30, "the supervisor to serve", interval=0.05)
+    except TimeoutError:
+        proc.kill()
+        proc.wait(10)
+        raise SystemExit(f"the supervisor did not start; see {workdir}") from None
+    port = int(status["listeners"][0]["address"].rsplit(":", 1)[1])
+    return proc, control, port
 
 
 def stop(proc: subprocess.Popen[bytes], control: str) -> None:

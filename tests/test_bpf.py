@@ -8,7 +8,6 @@ import fcntl
 import os
 import socket
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from nodrop.kernel.bpf import (
     stx_mem,
 )
 from nodrop.testing import netns
+from nodrop.testing.waiting import wait_for
 
 HERE = str(Path(__file__).resolve())
 
@@ -153,12 +153,11 @@ def _queue_len(listener: socket.socket) -> int:
 
 
 def _wait_queues(listeners: list[socket.socket], total: int) -> list[int]:
-    deadline = time.monotonic() + 10
-    for _ in range(100_000):
-        lens = [_queue_len(s) for s in listeners]
-        if sum(lens) >= total or time.monotonic() > deadline:
-            return lens
-        time.sleep(0.002)  # polling interval
+    """The accept queues' lengths once ``total`` connections are queued."""
+    wait_for(
+        lambda: sum(_queue_len(s) for s in listeners) >= total,
+        what=f"{total} connections in the accept queues",
+    )
     return [_queue_len(s) for s in listeners]
 
 

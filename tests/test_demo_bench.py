@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from conftest import Procs
+from nodrop.testing.waiting import wait_for
 from supervisor_harness import Supervised, start
 
 
@@ -106,7 +107,11 @@ def test_bench_with_a_reload_command_and_keepalive(demo_app: Supervised) -> None
     result: dict[str, Any] = json.loads(done.stdout)
     assert result["outcomes"]["ok"] > 100
     assert len(result["reloads"]) == 2
-    assert demo_app.status()["active_generation"] == 3
+    # `kill -HUP` returns before the reload it asks for is done.
+    wait_for(
+        lambda: demo_app.status()["active_generation"] == 3,
+        what="the second SIGHUP's reload to finish",
+    )
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CHILDREN, Procs, wait_for
+from conftest import CHILDREN, Procs
 from nodrop.errors import HolderError, ProtocolError
 from nodrop.fdwire import connect, decode, encode
 from nodrop.holder import client, ops
 from nodrop.kernel.fdpass import send_with_fds
 from nodrop.systemd.notify import notify
 from nodrop.systemd.receiver import NotifyReceiver
+from nodrop.testing.waiting import wait_for
 
 READY_TIMEOUT = 15.0
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from conftest import CHILDREN, Procs, wait_for
+from conftest import CHILDREN, Procs
 from nodrop.holder import client
+from nodrop.testing.waiting import wait_for
 from test_holder import RunningHolder, start_holder
 
 sys.path.insert(0, str(CHILDREN))

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHILDREN, Procs, wait_for
+from conftest import CHILDREN, Procs
 from nodrop.systemd.receiver import NotifyReceiver
+from nodrop.testing.waiting import wait_for
 from supervisor_harness import Supervised, http_get
 
 WORKER = [sys.executable, str(CHILDREN / "servers" / "pid1_worker.py")]

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from conftest import Procs, wait_for
+from conftest import Procs
 from nodrop.load import LoadConfig, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
+from nodrop.testing.waiting import wait_for
 from supervisor_harness import SERVER, Start, http_get
 
 

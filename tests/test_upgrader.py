@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from conftest import CHILDREN, Procs, wait_for
+from conftest import CHILDREN, Procs
 from nodrop.errors import UpgradeError
+from nodrop.testing.waiting import wait_for
 from nodrop.upgrader import State, Upgrader
 
 sys.path.insert(0, str(CHILDREN))

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from nodrop.load.http import ResponseParser, build_request
+from nodrop.testing.waiting import wait_for
 
 #: Poll interval while waiting for processes to appear or exit (seconds).
 POLL = 0.005
@@ -88,13 +89,11 @@ def children_of(pid: int) -> set[int]:
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> float | None:
     """Poll ``predicate`` until true; the monotonic time it became true, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return time.monotonic()
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(POLL)
+    try:
+        wait_for(predicate, timeout, interval=POLL)
+    except TimeoutError:
+        return None
+    return time.monotonic()
 
 
 def http_ok(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -118,14 +117,15 @@ def wait_http(
     host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
 ) -> bool:
     """Wait until the server answers 200 (False on timeout or if ``proc`` exits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        if http_ok(host, port):
-            return True
-        time.sleep(0.05)
-    return False
+
+    def exited() -> bool:
+        return proc is not None and proc.poll() is not None
+
+    try:
+        wait_for(lambda: exited() or http_ok(host, port), timeout, interval=0.05)
+    except TimeoutError:
+        return False
+    return not exited()
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
