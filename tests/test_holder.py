@@ -259,21 +259,6 @@ def test_same_socket_deposited_twice_is_held_once(holder: RunningHolder) -> None
     assert client.release(holder.path, everything=True) == 1
 
 
-def test_ttl_expiry_closes_every_held_fd(holder: RunningHolder) -> None:
-    baseline = holder.fd_count()
-    socks = [listener() for _ in range(5)]
-    client.deposit(holder.path, [(f"l{i}", s) for i, s in enumerate(socks)], ttl=0.3)
-    port = socks[0].getsockname()[1]
-    for sock in socks:
-        sock.close()
-    assert holder.fd_count() >= baseline + 5
-    wait_for(lambda: holder.fd_count() == baseline, what="held fds released")
-    assert client.list_parked(holder.path) == []
-    assert "expired, closed 5" in holder.log_text()
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
-        pass
-
-
 def test_claim_is_kept_until_the_claimant_acknowledges(holder: RunningHolder) -> None:
     web = listener()
     client.deposit(holder.path, {"web": web}, ttl=60)
