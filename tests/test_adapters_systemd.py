@@ -86,7 +86,9 @@ def test_units_verify(tmp_path: Path) -> None:
         check=False,
     )
     # verify exits 0 even for unknown keys: any message is a finding.
-    assert out.returncode == 0 and not out.stderr.strip() and not out.stdout.strip(), out
+    assert out.returncode == 0, out
+    assert not out.stderr.strip(), out
+    assert not out.stdout.strip(), out
 
 
 def test_units_are_type_notify_with_nodrop_reload() -> None:

@@ -104,7 +104,7 @@ def test_program_loads_with_cloexec_fds_and_closes() -> None:
             assert os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf-")
     assert steering.fds == (-1, -1)
     for fd in fds:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(fd)  # really closed (unless reused, which nothing here does)
     with pytest.raises(BpfError, match="closed"):
         steering.active_cookie()
@@ -201,7 +201,8 @@ def test_map_rejects_sockets_that_cannot_listen_for_the_group() -> None:
         assert out[name] != "accepted", (name, out)
         err, msg = out[name]
         assert err in (errno.EINVAL, errno.EOPNOTSUPP), (name, out)
-        assert "listening TCP" in msg and "SO_REUSEPORT" in msg
+        assert "listening TCP" in msg
+        assert "SO_REUSEPORT" in msg
     err, msg = out["twice"]
     assert err == errno.EBUSY
     assert "already the active listener" in msg

@@ -37,7 +37,8 @@ def test_demo_reloads_under_load_and_drops_nothing(tmp_path: Path) -> None:
     result = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
     assert result["failed"] == 0
     assert result["outcomes"]["ok"] > 500
-    assert len(result["reloads"]) == 3 and all(r["ok"] for r in result["reloads"])
+    assert len(result["reloads"]) == 3
+    assert all(r["ok"] for r in result["reloads"])
     assert all(r["old_exited"] is not None for r in result["reloads"])
     assert 'id="timeline"' in report.read_text()
     assert "no request failed across 3 reloads" in done.stdout
@@ -79,7 +80,8 @@ def test_bench_through_the_control_socket(demo_app: Supervised, tmp_path: Path) 
         str(report),
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "failed per 10^6" in done.stdout and "reload " in done.stdout
+    assert "failed per 10^6" in done.stdout
+    assert "reload " in done.stdout
     assert report.exists()
 
 

@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -38,7 +38,7 @@ PEER = 10.0
 class Driven:
     """An in-process holder on a fake clock, and its log lines."""
 
-    def __init__(self, tmp_path: Path, **options: object) -> None:
+    def __init__(self, tmp_path: Path, **options: Any) -> None:
         self.clock = FakeClock()
         self.lines: list[str] = []
         self.path = str(tmp_path / "run" / "holder.sock")
@@ -46,7 +46,7 @@ class Driven:
             self.path,
             peer_timeout=PEER,
             idle_timeout=IDLE,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
         self.holder = Holder(config, log=self.lines.append, clock=self.clock)
         self.holder.open()
@@ -105,7 +105,8 @@ def test_ttl_expiry_closes_every_held_fd_at_the_ttl(driven: Driven) -> None:
     result = driven.call(
         lambda: client.deposit(driven.path, [(f"l{i}", s) for i, s in enumerate(socks)], ttl=30)
     )
-    assert len(result.ids) == 5 and result.ttl == 30
+    assert len(result.ids) == 5
+    assert result.ttl == 30
     for sock in socks:
         sock.close()
     held = open_fds()

@@ -442,10 +442,14 @@ def test_run_load_counts_refused(refused_port: int) -> None:
 def test_command_reloader_records_the_command() -> None:
     ok = CommandReloader("true", settle=0.0).reload()
     assert ok.ok
-    assert ok.ready is None and ok.old_exited is None
-    assert ok.finished is not None and ok.window == (ok.started, ok.finished)
+    assert ok.ready is None
+    assert ok.old_exited is None
+    assert ok.finished is not None
+    assert ok.window == (ok.started, ok.finished)
     failed = CommandReloader("echo nope >&2; exit 3").reload()
     assert not failed.ok
-    assert "exited 3" in failed.message and "nope" in failed.message
+    assert "exited 3" in failed.message
+    assert "nope" in failed.message
     slow = CommandReloader("exec sleep 5", timeout=0.2).reload()
-    assert not slow.ok and "timed out" in slow.message
+    assert not slow.ok
+    assert "timed out" in slow.message

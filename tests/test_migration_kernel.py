@@ -275,7 +275,7 @@ def test_migration(case: str, mode: str) -> None:
 
 
 def test_unknown_case_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown case/mode"):
         run_case("nope", "off")
 
 

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,7 +96,7 @@ def as_pid1(
         proc = procs.popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     sup = Supervised(proc, control, notify, log_path)
     try:
-        pid1 = int(wait_for(lambda: children_of(proc.pid), what="PID 1 of the namespace")[0])  # type: ignore[index]
+        pid1 = wait_for(lambda: children_of(proc.pid), what="PID 1 of the namespace")[0]
         if wait_ready:
             sup.wait_for_field("READY")
     except BaseException:
@@ -107,10 +106,10 @@ def as_pid1(
 
 
 @pytest.fixture
-def pid1_dir(tmp_path: Path) -> Iterator[Path]:
+def pid1_dir(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    yield out
+    return out
 
 
 def test_pid1_reaps_orphans_and_stops_gracefully_on_sigterm(

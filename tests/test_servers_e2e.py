@@ -184,8 +184,15 @@ def parse_wrk(text: str) -> WrkReport:
         raise ValueError(f"not a wrk report:\n{text}")
     errors = _SOCKET_ERRORS.search(text)
     non_2xx = _NON_2XX.search(text)
-    counts = [int(n) for n in errors.groups()] if errors else [0, 0, 0, 0]
-    return WrkReport(int(requests.group(1)), *counts, int(non_2xx.group(1)) if non_2xx else 0)
+    connect, read, write, timeout = (int(n) for n in errors.groups()) if errors else (0, 0, 0, 0)
+    return WrkReport(
+        int(requests.group(1)),
+        connect,
+        read,
+        write,
+        timeout,
+        int(non_2xx.group(1)) if non_2xx else 0,
+    )
 
 
 WRK_SAMPLES = [
@@ -256,6 +263,7 @@ def hammer(sup: Supervised, port: int) -> tuple[LoadResult, WrkReport, str]:
     reloader = ControlReloader(sup.control, timeout=60)
     warm = reloader.reload()
     assert warm.ok, f"{warm.message}\n{sup.log()}"
+    assert warm.finished is not None
     # Long enough for ten reloads back to back, with a margin for a busy machine.
     seconds = math.ceil(1.5 + RELOADS * (warm.finished - warm.started) * 1.4)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -201,7 +201,8 @@ def test_bind_error_in_new_config_keeps_old_generation(supervise: Start, tmp_pat
     assert "gen=1" in http_get(port)
     cfg.write_text("this is = not toml [")
     done = sup.cli("reload")
-    assert done.returncode == 1 and "nodrop.toml" in done.stdout
+    assert done.returncode == 1
+    assert "nodrop.toml" in done.stdout
     assert "gen=1" in http_get(port)
 
 
@@ -215,7 +216,8 @@ def test_crashed_worker_is_restarted(supervise: Start) -> None:
         return worker if worker["pid"] != victim and worker["state"] == "ready" else None
 
     worker = wait_for(restarted, what="worker 2 to be restarted")
-    assert isinstance(worker, dict) and worker["restarts"] == 1
+    assert isinstance(worker, dict)
+    assert worker["restarts"] == 1
     assert "was killed by signal 9; restarting" in sup.log()
     assert "gen=1" in http_get(sup.port())
 
@@ -231,7 +233,8 @@ def test_status_cli_and_readiness_probe_exit_code(supervise: Start) -> None:
     assert sup.cli("stop").returncode == 0
     assert sup.proc.wait(timeout=30) == 0
     gone = sup.cli("status")
-    assert gone.returncode == 2 and "no supervisor answers" in gone.stderr
+    assert gone.returncode == 2
+    assert "no supervisor answers" in gone.stderr
 
 
 def test_first_generation_failing_is_a_clear_start_failure(procs: Procs, tmp_path: Path) -> None:
@@ -335,7 +338,8 @@ def test_reexec_keeps_serving_with_the_same_pid_sockets_and_workers(supervise: S
     assert after["listeners"][0]["inode"] == inode_before
     # The re-executed supervisor still reloads, reaps and stops.
     answer = sup.reload(wait="drained")
-    assert answer["ok"] and answer["old_exited"] is not None
+    assert answer["ok"]
+    assert answer["old_exited"] is not None
     for pid in workers_before:
         assert not os.path.exists(f"/proc/{pid}")
     assert sup.stop() == 0
@@ -358,7 +362,8 @@ def test_drain_cap_kills_the_oldest_draining_generation(supervise: Start, tmp_pa
     gen1, gen2, gen3 = status["generations"][:3]
     assert gen1["note"] == "killed at the drain cap"
     assert gen1["workers"][0]["exit_code"] == -signal.SIGKILL
-    assert gen2["state"] == "draining" and gen3["state"] == "active"
+    assert gen2["state"] == "draining"
+    assert gen3["state"] == "active"
     assert any("--max-draining" in w for w in status["warnings"])
     # (generation 2 ignores SIGTERM and keeps accepting on the shared socket,
     # so which generation answers a request is not fixed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import io
@@ -45,16 +46,15 @@ TERM = signal.SIGTERM
 KILL = signal.SIGKILL
 
 
-def config(**overrides: object) -> RunConfig:
-    base: dict[str, object] = {
-        "command": ("fake-worker",),
-        "listen": (parse_spec("tcp://127.0.0.1:0?name=web"),),
-        "ready_timeout": 30.0,
-        "ready_grace": 0.5,
-        "drain_timeout": 30.0,
-    }
-    base.update(overrides)
-    return RunConfig(**base).validate()  # type: ignore[arg-type]
+def config(**overrides: Any) -> RunConfig:
+    base = RunConfig(
+        command=("fake-worker",),
+        listen=(parse_spec("tcp://127.0.0.1:0?name=web"),),
+        ready_timeout=30.0,
+        ready_grace=0.5,
+        drain_timeout=30.0,
+    )
+    return dataclasses.replace(base, **overrides).validate()
 
 
 @dataclass
@@ -179,9 +179,11 @@ async def test_first_generation_is_ready_after_every_worker_said_so_and_the_grac
         note = await h.service_note("READY")
         assert h.now - ready_at == pytest.approx(0.5)
         assert note.fields["STATUS"] == "generation 1 serving with 2 worker(s)"
-        assert first.env["NODROP_WORKER"] == "1" and second.env["NODROP_WORKER"] == "2"
+        assert first.env["NODROP_WORKER"] == "1"
+        assert second.env["NODROP_WORKER"] == "2"
         assert first.env["NODROP_GENERATION"] == "1"
-        assert first.names == ("web",) and len(first.fds) == 1
+        assert first.names == ("web",)
+        assert len(first.fds) == 1
         assert h.sup.status()["active_generation"] == 1
         assert h.sup.gens.running == 2
 
@@ -276,11 +278,14 @@ async def test_drained_generation_that_exits_is_not_killed(tmp_path: Path) -> No
     async with supervising(tmp_path, config(drain_timeout=30), fake) as h:
         old = h.fake.spawned()[0]
         outcome = await h.reload(2)
-        assert outcome.ok and outcome.generation == 2 and outcome.old_generations == (1,)
+        assert outcome.ok
+        assert outcome.generation == 2
+        assert outcome.old_generations == (1,)
         assert old.signals == [TERM]  # drained at once, never killed
         assert old.exit_code == 0
         gen1 = h.sup.status()["generations"][0]
-        assert gen1["state"] == "exited" and gen1["note"] == ""
+        assert gen1["state"] == "exited"
+        assert gen1["note"] == ""
 
 
 @virtual
@@ -292,7 +297,9 @@ async def test_drain_that_ignores_sigterm_is_killed_at_exactly_the_timeout(
         future = asyncio.ensure_future(h.sup.reload_and_wait("drained"))
         h.ready(await h.spawned(2))
         outcome = await future
-        assert outcome.ok and outcome.ready is not None and outcome.old_exited is not None
+        assert outcome.ok
+        assert outcome.ready is not None
+        assert outcome.old_exited is not None
         assert outcome.old_exited - outcome.ready == pytest.approx(30)
         assert old.signals == [TERM, KILL]
         gen1 = h.sup.status()["generations"][0]
@@ -312,7 +319,8 @@ async def test_drain_cap_kills_the_oldest_draining_generation(tmp_path: Path) ->
         assert (await h.reload(3)).ok  # generation 2 drains too: over the cap of 1
         assert h.now == reloaded  # killed at once, not at the drain timeout
         gen2 = h.fake.spawned()[1]
-        assert gen1.signals == [TERM, KILL] and gen2.signals == [TERM]
+        assert gen1.signals == [TERM, KILL]
+        assert gen2.signals == [TERM]
         status = h.sup.status()
         states = [(g["generation"], g["state"], g["note"]) for g in status["generations"]]
         assert states == [
@@ -362,7 +370,8 @@ async def test_ready_timeout_rolls_back_and_the_old_generation_keeps_serving(
             "server send READY=1 to $NOTIFY_SOCKET? if it cannot, use --ready delay:SECONDS)"
             "; rolled back, the old generation keeps serving"
         )
-        assert old.running and old.signals == []
+        assert old.running
+        assert old.signals == []
         assert new.signals == [TERM]  # a failed generation is drained too...
         await h.fake.wait_until(lambda: not new.running, DEADLINE, "the failed worker killed")
         assert h.now - started == pytest.approx(25)  # ...and killed at its drain timeout
@@ -401,7 +410,8 @@ async def test_exit_within_the_ready_grace_rolls_back(tmp_path: Path) -> None:
         outcome = await future
         assert not outcome.ok
         assert "worker 1 exited with status 3 0.30s after it was ready" in outcome.message
-        assert old.running and old.signals == []
+        assert old.running
+        assert old.signals == []
         assert h.sup.status()["active_generation"] == 1
 
 
@@ -413,7 +423,8 @@ async def test_exit_after_the_ready_grace_is_a_restart_not_a_rollback(tmp_path: 
         new = await h.spawned(2)
         h.ready(new)
         outcome = await future
-        assert outcome.ok and outcome.duration == pytest.approx(0.5)
+        assert outcome.ok
+        assert outcome.duration == pytest.approx(0.5)
         h.fake.exit(new.pid, 3)
         assert (await h.spawned(3)).env["NODROP_GENERATION"] == "2"
         assert old.signals == [TERM]
@@ -451,6 +462,8 @@ async def test_stop_drains_every_generation_and_kills_the_stubborn_at_the_timeou
         assert note.fields["STATUS"] == "stopping"
         assert await h.task == 0
         assert h.now - stopped == pytest.approx(30)
-        assert first.signals == [TERM, KILL] and first.exit_code == -KILL
-        assert second.signals == [TERM] and second.exit_code == 0
+        assert first.signals == [TERM, KILL]
+        assert first.exit_code == -KILL
+        assert second.signals == [TERM]
+        assert second.exit_code == 0
         assert h.sup.gens.running == 0

@@ -97,7 +97,8 @@ def test_loop_advance_and_its_refusals() -> None:
         fired: list[float] = []
         loop.call_later(5, lambda: fired.append(loop.time()))
         loop.advance(7)
-        assert loop.time() == 17.0 and loop.jumped == 7
+        assert loop.time() == 17.0
+        assert loop.jumped == 7
         loop.run_until_complete(asyncio.sleep(0))
         assert fired == [17.0]  # due timers run on the next iteration, at the new time
         with pytest.raises(ValueError, match="cannot go back"):
@@ -140,7 +141,8 @@ def test_spawn_records_what_a_worker_gets_and_pids_are_never_real() -> None:
         (7, 8),
         ("web", "admin"),
     )
-    assert proc.running and proc.exit_code is None
+    assert proc.running
+    assert proc.exit_code is None
     assert fake.group_of(first) == first
     fake.spawn_errors.append(OSError(2, "nope"))
     with pytest.raises(OSError, match="nope"):
@@ -155,7 +157,8 @@ def test_signals_are_recorded_and_only_sigkill_always_kills() -> None:
     fake.signal(pid, signal.SIGTERM)
     fake.signal(pid, signal.SIGUSR1)
     proc = fake.processes[pid]
-    assert proc.running and proc.signals == [signal.SIGTERM, signal.SIGUSR1]
+    assert proc.running
+    assert proc.signals == [signal.SIGTERM, signal.SIGUSR1]
     fake.signal(pid, signal.SIGKILL)
     assert proc.exit_code == -signal.SIGKILL
     fake.signal(pid, signal.SIGTERM)  # gone: nothing happens, nothing recorded
@@ -163,7 +166,8 @@ def test_signals_are_recorded_and_only_sigkill_always_kills() -> None:
     fake.signal(123, signal.SIGTERM)  # never spawned: ignored, as kill(2) on ESRCH
     assert fake.reap() == [(pid, -signal.SIGKILL)]
     assert fake.reap() == []
-    assert proc.reaped and fake.group_of(pid) is None
+    assert proc.reaped
+    assert fake.group_of(pid) is None
 
 
 def test_on_signal_decides_and_signal_group_reaches_the_leader() -> None:
@@ -208,7 +212,8 @@ def test_wait_until_wakes_on_changes_and_times_out_in_virtual_time() -> None:
         loop.call_later(5, _spawn, fake, "a")
         loop.call_later(9, _spawn, fake, "b")
         second = await fake.wait_spawned(2, timeout=60)
-        assert second.argv == ("b",) and loop.time() == DEFAULT_START + 9
+        assert second.argv == ("b",)
+        assert loop.time() == DEFAULT_START + 9
         started = loop.time()
         with pytest.raises(TimeoutError, match="3 processes spawned"):
             await fake.wait_spawned(3, timeout=60)
