@@ -42,6 +42,7 @@ from nodrop.testing.clock import run
 DEADLINE = 3600.0
 
 P = ParamSpec("P")
+SUPERVISOR_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 TERM = signal.SIGTERM
 KILL = signal.SIGKILL
 
@@ -122,6 +123,9 @@ async def supervising(
     loop = asyncio.get_running_loop()
     fake = fake or FakeProcesses()
     processes: Processes = fake  # the fake implements the seam's protocol
+    # The supervisor handles these on its loop and, when it stops, resets them
+    # to the defaults; this process (a pytest worker) gets its own back.
+    handlers = {sig: signal.getsignal(sig) for sig in SUPERVISOR_SIGNALS}
     service = NotifyReceiver(str(tmp_path / "service.sock"))
     log = io.StringIO()
     sup = Supervisor(
@@ -146,9 +150,13 @@ async def supervising(
     finally:
         if not task.done():
             sup.stop()
-        # Stubborn fake workers are killed at the (virtual) drain timeout.
-        await asyncio.wait_for(asyncio.shield(task), DEADLINE)
-        service.close()
+        try:
+            # Stubborn fake workers are killed at the (virtual) drain timeout.
+            await asyncio.wait_for(asyncio.shield(task), DEADLINE)
+        finally:
+            service.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 def virtual(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
@@ -162,6 +170,29 @@ def virtual(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
 
 
 # -- start-up and readiness ----------------------------------------------------------
+
+
+def test_the_supervisor_leaves_this_process_s_signal_handlers_as_it_found_them(
+    tmp_path: Path,
+) -> None:
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError(f"signal {signum} reached the test's own handler")
+
+    original = {sig: signal.signal(sig, mine) for sig in SUPERVISOR_SIGNALS}
+    try:
+
+        async def scenario() -> None:
+            async with supervising(tmp_path, config()) as h:
+                assert signal.getsignal(signal.SIGTERM) is not mine  # the supervisor's now
+                h.sup.stop()
+
+        run(scenario())
+        assert {sig: signal.getsignal(sig) for sig in SUPERVISOR_SIGNALS} == dict.fromkeys(
+            SUPERVISOR_SIGNALS, mine
+        )
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
 
 
 @virtual

@@ -19,8 +19,10 @@ __all__ = ["DEFAULT_TIMEOUT", "POLL_INTERVAL", "wait_for"]
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 10.0
-"""Seconds :func:`wait_for` waits unless told otherwise."""
+DEFAULT_TIMEOUT = 30.0
+"""Seconds :func:`wait_for` waits unless told otherwise: a deadline for what
+never happens, so generous -- on a busy machine (a parallel test run, other
+load) what does happen may take a while."""
 POLL_INTERVAL = 0.005
 """Seconds between two checks: short, because every check is cheap."""
 
