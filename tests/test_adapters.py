@@ -9,7 +9,6 @@ plain command line, with the real servers under a real supervisor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import importlib.util
 import socket
@@ -101,8 +100,11 @@ async def stop_right_after_accept(stop: Callable[[asyncio.Server], Any]) -> list
             listener.on_accept = on_accept
             server = await asyncio.start_server(handle, sock=listener)
             await asyncio.wait_for(stopped, 5)
+            # The scenario, not a wait for an event: let the loop run what it
+            # does after a stop (set-up tasks failing on 3.11), then collect a
+            # connection it dropped, so that it is closed now, not later.
             await asyncio.sleep(0.05)
-            gc.collect()  # a connection the loop dropped is closed now, not later
+            gc.collect()
             return list(await asyncio.gather(*(asyncio.to_thread(read_answer, c) for c in clients)))
         finally:
             for client in clients:
@@ -133,7 +135,7 @@ def test_stop_accepting_leaves_queued_connections_in_the_kernel_queue() -> None:
             await stop_accepting([given])  # by socket, as for aiohttp's SockSite
             with socket.create_connection(listener.getsockname(), timeout=2) as client:
                 client.sendall(b"ping\n")
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the scenario: time the loop would take to accept it
                 server.close()
                 # Nobody took it: another process sharing the socket would.
                 listener.setblocking(False)
@@ -149,21 +151,31 @@ def test_stop_accepting_leaves_queued_connections_in_the_kernel_queue() -> None:
 
 def test_drain_reports_a_connection_that_outlives_the_timeout() -> None:
     async def scenario() -> bool:
+        held: list[asyncio.Task[Any]] = []
+        connected = asyncio.Event()
+
         async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(10)
-            writer.close()
+            task = asyncio.current_task()
+            assert task is not None
+            held.append(task)
+            connected.set()
+            try:
+                await asyncio.sleep(10)  # outlives the drain timeout; cancelled below
+            finally:
+                writer.close()
 
         server = await asyncio.start_server(hold, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(connected.wait(), 5)  # the server has it
         try:
             return await drain(server, timeout=0.2)
         finally:
             writer.close()
             await writer.wait_closed()
-            await asyncio.sleep(0.05)
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
 
     started = time.monotonic()
     assert asyncio.run(scenario()) is False
