@@ -17,7 +17,9 @@ from conftest import CHILDREN, Procs
 from nodrop.supervisor.control import request
 from nodrop.systemd.receiver import Notification, NotifyReceiver
 
-SERVER = [sys.executable, str(CHILDREN / "server.py")]
+# The stand-in server needs only the standard library: -S (no site module)
+# starts it faster, and without coverage measuring it (it is not nodrop's code).
+SERVER = [sys.executable, "-S", str(CHILDREN / "server.py")]
 
 
 def http_get(port: int, timeout: float = 5.0) -> str:

@@ -25,7 +25,11 @@ from nodrop.systemd.receiver import NotifyReceiver
 from nodrop.testing.waiting import wait_for
 from supervisor_harness import Supervised, http_get
 
-WORKER = [sys.executable, str(CHILDREN / "servers" / "pid1_worker.py")]
+WORKER = [
+    sys.executable,
+    "-S",
+    str(CHILDREN / "servers" / "pid1_worker.py"),
+]  # stdlib only: no site
 
 
 def pid_namespaces_unavailable() -> str | None:

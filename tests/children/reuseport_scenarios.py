@@ -34,7 +34,7 @@ from nodrop.testing.netns import in_private_netns
 from nodrop.testing.waiting import wait_for
 
 HERE = Path(__file__).parent
-SERVER = [sys.executable, str(HERE / "reuseport_server.py")]
+SERVER = [sys.executable, "-S", str(HERE / "reuseport_server.py")]  # stdlib only: no site module
 DEADLINE = 20.0
 
 
