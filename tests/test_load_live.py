@@ -89,10 +89,12 @@ class Server:
         except OSError:
             pass
         finally:
+            # Closed first: once a waiter sees the connection gone, its FIN
+            # or RST is already on the client's side (loopback is synchronous).
+            conn.close()
             with self.changed:
                 self.conns.discard(conn)
                 self.changed.notify_all()
-            conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         b = self.behaviour
