@@ -18,7 +18,6 @@ import tempfile
 import time
 
 from keepalive_reload import start, stop
-
 from nodrop.supervisor.control import request
 
 

@@ -15,48 +15,47 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+from typing import Any
 
 from nodrop.load import LoadConfig, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
 from nodrop.supervisor.control import request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from nodrop.testing.waiting import wait_for
 
 
 def start(handoff: bool, workdir: str) -> tuple[subprocess.Popen[bytes], str, int]:
-    port = free_port()
+    """The demo app under `nodrop run` on port 0; the port is read back from its status."""
     control = os.path.join(workdir, f"control-{int(handoff)}.sock")
     argv = [
         sys.executable, "-m", "nodrop", "run", "--control", control,
-        "--listen", f"tcp://127.0.0.1:{port}", "--workers", "2", "--ready-grace", "0.05",
+        "--listen", "tcp://127.0.0.1:0", "--workers", "2", "--ready-grace", "0.05",
         "--handoff" if handoff else "--no-handoff",
         "--", sys.executable, "-m", "nodrop.demo.app",
     ]  # fmt: skip
     log = open(os.path.join(workdir, f"supervisor-{int(handoff)}.log"), "wb")  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if request(control, "status", timeout=2).get("active_generation"):
-                return proc, control, port
-        except Exception:
-            pass
+
+    def serving() -> dict[str, Any] | None:
         if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(10)
-    raise SystemExit(f"the supervisor did not start; see {workdir}")
+            raise TimeoutError("the supervisor exited")
+        try:
+            status = request(control, "status", timeout=2)
+        except Exception:
+            return None
+        return status if status.get("active_generation") else None
+
+    try:
+        status = wait_for(serving, 30, "the supervisor to serve", interval=0.05)
+    except TimeoutError:
+        proc.kill()
+        proc.wait(10)
+        raise SystemExit(f"the supervisor did not start; see {workdir}") from None
+    port = int(status["listeners"][0]["address"].rsplit(":", 1)[1])
+    return proc, control, port
 
 
 def stop(proc: subprocess.Popen[bytes], control: str) -> None:

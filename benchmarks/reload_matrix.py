@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `baselines`
 
 from baselines import cells, servers
 from baselines.table import render_markdown
-
 from nodrop.errors import NetnsError
 from nodrop.load import Mode
 from nodrop.testing.netns import can_unshare_net, run_in_netns
@@ -90,22 +89,36 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 
 def _run_cell(name: str, target: servers.Target, opts: Options) -> dict[str, Any]:
-    load = {"duration": opts.duration, "reloads": opts.reloads, "concurrency": opts.concurrency}
     mode = Mode.KEEPALIVE if name.startswith("keepalive") else Mode.CLOSE
     if name == "idle":
         return cells.idle_cell(target.port, target.reload, connections=opts.idle_connections)
     if name.endswith("-wrk"):
         if opts.wrk is None:
             return {"not_run": "wrk is not installed"}
-        return cells.wrk_cell(opts.wrk, target.port, target.reload, mode, **load)
-    return cells.loadgen_cell(target.port, target.reload, mode, **load)
+        return cells.wrk_cell(
+            opts.wrk,
+            target.port,
+            target.reload,
+            mode,
+            duration=opts.duration,
+            reloads=opts.reloads,
+            concurrency=opts.concurrency,
+        )
+    return cells.loadgen_cell(
+        target.port,
+        target.reload,
+        mode,
+        duration=opts.duration,
+        reloads=opts.reloads,
+        concurrency=opts.concurrency,
+    )
 
 
 def run_row(row: str, options_json: str) -> dict[str, Any]:
     """Start one row's server, run every cell against it, stop it. JSON-able."""
-    opts = Options(
-        **{k: tuple(v) if k in ("cells", "app") else v for k, v in json.loads(options_json).items()}
-    )
+    fields: dict[str, Any] = json.loads(options_json)
+    fields.update({k: tuple(fields[k]) for k in ("cells", "app") if k in fields})
+    opts = Options(**fields)
     label, start = servers.ROWS[row]
     out: dict[str, Any] = {"row": row, "label": label, "cells": {}, "notes": []}
     with tempfile.TemporaryDirectory(prefix=f"reload-matrix-{row}-") as workdir:

@@ -46,12 +46,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `stack_matrix` and `baselines`
 
+import nodrop
 from stack_matrix import cells as cells_mod
 from stack_matrix.exercise import CLIENTS, ClientSet, Load, Reloads, check_loop, summarize
 from stack_matrix.launch import DEFAULT_STARTUP, NodropStack, StartError, launch
 from stack_matrix.table import render
-
-import nodrop
 
 PACKAGES = (
     "fastapi", "starlette", "uvicorn", "uvloop", "httptools", "websockets", "h11",

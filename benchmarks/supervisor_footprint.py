@@ -23,11 +23,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from nodrop.supervisor.control import request
+from nodrop.testing.waiting import wait_for
 
 WORKER = (
     "import os,socket,signal;"
@@ -46,16 +46,18 @@ def rss_kib(pid: int) -> int:
 
 
 def wait_control(path: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def serving() -> bool:
         if proc.poll() is not None:
             raise SystemExit("supervisor exited")
         try:
-            if request(path, "status", timeout=5).get("active_generation"):
-                return
+            return bool(request(path, "status", timeout=5).get("active_generation"))
         except Exception:
-            time.sleep(0.05)
-    raise SystemExit("supervisor did not start")
+            return False
+
+    try:
+        wait_for(serving, 30, "the supervisor to serve", interval=0.05)
+    except TimeoutError:
+        raise SystemExit("supervisor did not start") from None
 
 
 def measure(workers: int, reloads: int) -> dict[str, float]:

@@ -10,15 +10,19 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from nodrop.testing.waiting import wait_for
+
+__all__ = ["CHILDREN", "HERE", "Procs", "wait_for", "waitpid_status"]
 
 HERE = Path(__file__).parent
 CHILDREN = HERE / "children"
@@ -98,16 +102,14 @@ def procs() -> Iterator[Procs]:
         owner.cleanup()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
-    """Poll a condition with a deadline (for state only the kernel can report)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.005)
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A port that refuses connections for the whole test: bound (port 0) but
+    never listening, so the kernel answers a SYN with RST and no other test
+    can take the port meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def waitpid_status(pid: int, timeout: float = 10.0) -> int:

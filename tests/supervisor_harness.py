@@ -17,13 +17,9 @@ from conftest import CHILDREN, Procs
 from nodrop.supervisor.control import request
 from nodrop.systemd.receiver import Notification, NotifyReceiver
 
-SERVER = [sys.executable, str(CHILDREN / "server.py")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The stand-in server needs only the standard library: -S (no site module)
+# starts it faster, and without coverage measuring it (it is not nodrop's code).
+SERVER = [sys.executable, "-S", str(CHILDREN / "server.py")]
 
 
 def http_get(port: int, timeout: float = 5.0) -> str:
@@ -64,8 +60,15 @@ class Supervised:
     def status(self) -> dict[str, Any]:
         return request(self.control, "status", timeout=10)
 
-    def port(self, index: int = 0) -> int:
-        return int(self.status()["listeners"][index]["address"].rsplit(":", 1)[1])
+    def port(self, which: int | str = 0) -> int:
+        """The port of a listener, by index or name, as ``nodrop status`` reports it
+        (listen on port 0 and read it back: no port is ever guessed)."""
+        listeners = self.status()["listeners"]
+        if isinstance(which, str):
+            [item] = [item for item in listeners if item["name"] == which]
+        else:
+            item = listeners[which]
+        return int(item["address"].rsplit(":", 1)[1])
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -83,14 +86,34 @@ class Supervised:
         return self.proc.wait(timeout=30)
 
 
+# Puts the socket at fd 3 and sets LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, as
+# systemd's socket activation does, then execs the command (same pid).
+_ACTIVATE = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "if fd != 3:\n"
+    "    os.dup2(fd, 3)\n"
+    "    os.close(fd)\n"
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES=sys.argv[2])\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
+)
+
+
 def start(
     procs: Procs,
     tmp_path: Path,
     *run_args: str,
     command: list[str] | None = None,
     env: dict[str, str] | None = None,
+    activate: tuple[socket.socket, str] | None = None,
 ) -> Supervised:
-    """`nodrop run RUN_ARGS -- COMMAND`, started as systemd would (NOTIFY_SOCKET)."""
+    """`nodrop run RUN_ARGS -- COMMAND`, started as systemd would (NOTIFY_SOCKET).
+
+    ``activate`` (a listening socket and its name) is passed as systemd's
+    socket activation would pass it: at fd 3, with ``LISTEN_FDS``. A test
+    that must know the port before the server starts binds port 0 itself
+    and hands the socket over this way.
+    """
     control = str(tmp_path / "control.sock")
     notify = NotifyReceiver(str(tmp_path / "service-notify.sock"))
     log_path = tmp_path / "supervisor.log"
@@ -98,8 +121,15 @@ def start(
     full_env.update(env or {})
     argv = [sys.executable, "-m", "nodrop", "run", "--control", control, *run_args, "--"]
     argv += command if command is not None else SERVER
+    pass_fds: tuple[int, ...] = ()
+    if activate is not None:
+        sock, name = activate
+        argv = [sys.executable, "-c", _ACTIVATE, str(sock.fileno()), name, *argv]
+        pass_fds = (sock.fileno(),)
     with open(log_path, "wb") as log:
-        proc = procs.popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = procs.popen(
+            argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds
+        )
     sup = Supervised(proc, control, notify, log_path)
     try:
         sup.wait_for_field("READY")

@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -88,8 +88,8 @@ def test_activation_env_rejects_bad_names() -> None:
 
 def run_child(
     procs: Procs, fds: list[int], names: list[str], *extra: str
-) -> tuple[int, dict[str, Any], int]:
-    """Spawn the activation child with ``fds``; return (pid, report, stdout fd)."""
+) -> tuple[int, dict[str, Any], BinaryIO]:
+    """Spawn the activation child with ``fds``; return (pid, report, its stdout)."""
     r, w = os.pipe()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     pid = procs.adopt(
@@ -105,7 +105,7 @@ def run_child(
     reader = os.fdopen(r, "rb")
     line = reader.readline()
     assert line, "child exited without a report"
-    return pid, json.loads(line), reader  # type: ignore[return-value]
+    return pid, json.loads(line), reader
 
 
 def test_spawned_child_sees_its_sockets_at_3_with_its_own_pid(procs: Procs) -> None:
@@ -189,7 +189,8 @@ def test_interop_with_systemd_socket_activate(procs: Procs) -> None:
     )
     # systemd-socket-activate listens first and execs the child at the first
     # connection (it "accepts" lazily), so connect, then read the report.
-    assert proc.stderr is not None and proc.stdout is not None
+    assert proc.stderr is not None
+    assert proc.stdout is not None
     line = proc.stderr.readline()  # "Listening on 127.0.0.1:PORT as 3."
     assert b"Listening on" in line
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:

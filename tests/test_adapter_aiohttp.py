@@ -93,9 +93,13 @@ def test_reloads_under_every_client_fail_nothing(
     print(report.describe())
     assert all(r.get("ok") for r in report.reloads), (report.reloads, sup.log()[-3000:])
     assert report.failed == 0, report.describe() + "\n" + sup.log()[-3000:]
-    assert report.http.ok > 50 and report.ws is not None and report.ws.ok > 20
-    assert report.wrk_keepalive is not None and report.wrk_keepalive.requests > 50
-    assert report.wrk_close is not None and report.wrk_close.requests > 50
+    assert report.http.ok > 50
+    assert report.ws is not None
+    assert report.ws.ok > 20
+    assert report.wrk_keepalive is not None
+    assert report.wrk_keepalive.requests > 50
+    assert report.wrk_close is not None
+    assert report.wrk_close.requests > 50
     assert report.ws.closed_1012 > 0, "no WebSocket session was cut by a reload"
     assert sup.stop() == 0
 

@@ -9,7 +9,6 @@ plain command line, with the real servers under a real supervisor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import importlib.util
 import socket
@@ -23,7 +22,7 @@ import pytest
 
 from conftest import HERE
 from nodrop.adapters.drain import drain, stop_accepting
-from supervisor_harness import Start, Supervised, free_port, http_get
+from supervisor_harness import Start, Supervised, http_get
 
 SERVERS = HERE / "children" / "servers"
 PY = sys.executable
@@ -101,8 +100,11 @@ async def stop_right_after_accept(stop: Callable[[asyncio.Server], Any]) -> list
             listener.on_accept = on_accept
             server = await asyncio.start_server(handle, sock=listener)
             await asyncio.wait_for(stopped, 5)
+            # The scenario, not a wait for an event: let the loop run what it
+            # does after a stop (set-up tasks failing on 3.11), then collect a
+            # connection it dropped, so that it is closed now, not later.
             await asyncio.sleep(0.05)
-            gc.collect()  # a connection the loop dropped is closed now, not later
+            gc.collect()
             return list(await asyncio.gather(*(asyncio.to_thread(read_answer, c) for c in clients)))
         finally:
             for client in clients:
@@ -133,7 +135,7 @@ def test_stop_accepting_leaves_queued_connections_in_the_kernel_queue() -> None:
             await stop_accepting([given])  # by socket, as for aiohttp's SockSite
             with socket.create_connection(listener.getsockname(), timeout=2) as client:
                 client.sendall(b"ping\n")
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the scenario: time the loop would take to accept it
                 server.close()
                 # Nobody took it: another process sharing the socket would.
                 listener.setblocking(False)
@@ -149,21 +151,31 @@ def test_stop_accepting_leaves_queued_connections_in_the_kernel_queue() -> None:
 
 def test_drain_reports_a_connection_that_outlives_the_timeout() -> None:
     async def scenario() -> bool:
+        held: list[asyncio.Task[Any]] = []
+        connected = asyncio.Event()
+
         async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(10)
-            writer.close()
+            task = asyncio.current_task()
+            assert task is not None
+            held.append(task)
+            connected.set()
+            try:
+                await asyncio.sleep(10)  # outlives the drain timeout; cancelled below
+            finally:
+                writer.close()
 
         server = await asyncio.start_server(hold, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(connected.wait(), 5)  # the server has it
         try:
             return await drain(server, timeout=0.2)
         finally:
             writer.close()
             await writer.wait_closed()
-            await asyncio.sleep(0.05)
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
 
     started = time.monotonic()
     assert asyncio.run(scenario()) is False
@@ -185,10 +197,10 @@ def supervised(supervise: Start) -> Callable[..., Supervised]:
     return _start
 
 
-def write_config(path: Path, port: int, command: list[str], version: str, **env: str) -> None:
+def write_config(path: Path, command: list[str], version: str, **env: str) -> None:
     lines = [
         "command = [" + ", ".join(f'"{c}"' for c in command) + "]",
-        f'listen = ["tcp://127.0.0.1:{port}"]',
+        'listen = ["tcp://127.0.0.1:0"]',  # the port picked at start is kept on reload
         "ready_timeout = 15",
         "ready_grace = 0.5",
         "[env]",
@@ -232,14 +244,14 @@ def test_hypercorn_adapter_needs_inherited_sockets(monkeypatch: pytest.MonkeyPat
 def test_asgi_adapter_says_ready_after_startup_and_rolls_back_a_failing_one(
     supervised: Callable[..., Supervised], tmp_path: Path, command: list[str]
 ) -> None:
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
-    write_config(cfg, port, command, "good", STARTUP_SECONDS="0.8")
+    write_config(cfg, command, "good", STARTUP_SECONDS="0.8")
     started = time.monotonic()
     sup = supervised("--config", str(cfg), command=[])
     assert time.monotonic() - started >= 0.8, "READY=1 before the app's start-up completed"
+    port = sup.port()
     assert http_get(port) == "version=good"
-    write_config(cfg, port, command, "broken-start")
+    write_config(cfg, command, "broken-start")
     answer = sup.reload()
     assert not answer["ok"], answer
     assert "rolled back" in answer["message"]
@@ -256,12 +268,12 @@ def test_asgi_adapter_says_ready_after_startup_and_rolls_back_a_failing_one(
 def test_gunicorn_version_that_fails_to_import(
     supervised: Callable[..., Supervised], tmp_path: Path, command: list[str], reload_ok: bool
 ) -> None:
-    port = free_port()
     cfg = tmp_path / "nodrop.toml"
-    write_config(cfg, port, command, "good")
+    write_config(cfg, command, "good")
     sup = supervised("--config", str(cfg), command=[])
+    port = sup.port()
     assert http_get(port) == "version=good"
-    write_config(cfg, port, command, "broken-import", IMPORT_SECONDS="1")
+    write_config(cfg, command, "broken-import", IMPORT_SECONDS="1")
     answer = sup.reload()
     # Plain gunicorn says READY=1 before its workers import the app: the
     # broken version is taken as ready and the good one drained -- it then

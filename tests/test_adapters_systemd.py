@@ -2,7 +2,8 @@
 
 There is no systemd (as PID 1) here to start the units, so each unit's
 ExecStart and ExecReload are read from the file, pointed at this checkout
-and a free port, and run the way systemd would: with NOTIFY_SOCKET (the
+and port 0 (read back from `nodrop status`, or from the socket the test
+binds for the socket unit), and run the way systemd would: with NOTIFY_SOCKET (the
 unit is Type=notify: READY=1 must come from the main pid) and, for the
 socket-activated variant, with the listening socket at fd 3 and
 LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID set. Stopping is KillMode=mixed:
@@ -27,7 +28,7 @@ from conftest import HERE, Procs, waitpid_status
 from nodrop.supervisor.control import request
 from nodrop.systemd.receiver import NotifyReceiver
 from nodrop.systemd.spawn import spawn
-from supervisor_harness import Supervised, free_port, http_get
+from supervisor_harness import Supervised, http_get
 
 UNITS = HERE.parent / "examples" / "systemd"
 APP_DIR = HERE.parent / "examples" / "uvicorn"
@@ -84,7 +85,9 @@ def test_units_verify(tmp_path: Path) -> None:
         check=False,
     )
     # verify exits 0 even for unknown keys: any message is a finding.
-    assert out.returncode == 0 and not out.stderr.strip() and not out.stdout.strip(), out
+    assert out.returncode == 0, out
+    assert not out.stderr.strip(), out
+    assert not out.stdout.strip(), out
 
 
 def test_units_are_type_notify_with_nodrop_reload() -> None:
@@ -103,18 +106,19 @@ def test_units_are_type_notify_with_nodrop_reload() -> None:
 @pytest.mark.parametrize("name", ["myapp.service", "myapp-activated.service"])
 def test_unit_commands_run_as_systemd_runs_them(procs: Procs, tmp_path: Path, name: str) -> None:
     unit = unit_settings(UNITS / name)
-    port = free_port()
-    start = localize(unit["ExecStart"], tmp_path, port)
-    reload = localize(unit["ExecReload"], tmp_path, port)
     notify = NotifyReceiver(str(tmp_path / "systemd-notify.sock"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NOTIFY_SOCKET=notify.path)
     log_path = tmp_path / "journal.log"
     held: socket.socket | None = None
     try:
+        if name == "myapp-activated.service":
+            # What myapp.socket does: systemd binds (port 0 here), the service inherits.
+            held = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        port = 0 if held is None else held.getsockname()[1]
+        start = localize(unit["ExecStart"], tmp_path, port)
+        reload = localize(unit["ExecReload"], tmp_path, port)
         with open(log_path, "wb") as log:
-            if name == "myapp-activated.service":
-                # What myapp.socket does: systemd binds, the service inherits.
-                held = socket.create_server(("127.0.0.1", port), backlog=4096)
+            if held is not None:
                 pid = procs.adopt(
                     spawn(
                         start,
@@ -130,6 +134,7 @@ def test_unit_commands_run_as_systemd_runs_them(procs: Procs, tmp_path: Path, na
         sup = Supervised(None, str(tmp_path / "nodrop.sock"), notify, log_path)  # type: ignore[arg-type]
         ready = sup.wait_for_field("READY", timeout=30)
         assert ready.pid == pid  # NotifyAccess=main
+        port = port or sup.port()
         assert "gen=1" in http_get(port)
         listeners = request(sup.control, "status", timeout=10)["listeners"]
         if held is not None:

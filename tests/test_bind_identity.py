@@ -80,7 +80,7 @@ def test_identity_of_tcp_udp_unix(tmp_path: Path) -> None:
 
 
 def test_identity_of_not_a_socket(tmp_path: Path) -> None:
-    with open(tmp_path / "f", "w") as f, pytest.raises(OSError) as info:
+    with open(tmp_path / "f", "w") as f, pytest.raises(OSError) as info:  # noqa: PT011 - the errno is checked below
         identify(f.fileno())
     assert info.value.errno == errno.ENOTSOCK
 
@@ -112,7 +112,7 @@ WIRE_BAD = [
 
 @pytest.mark.parametrize("value", WIRE_BAD)
 def test_identity_wire_rejects_malformed(value: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^identity (must be a list|address|numbers)"):
         SocketIdentity.from_wire(value)
 
 
@@ -260,9 +260,11 @@ def test_port_zero_keeps_its_socket_while_the_spec_is_unchanged(registry: Regist
     wanted = targets("tcp://127.0.0.1:0?name=a")
     (first,), _ = registry.apply(wanted)
     (again,), removed = registry.apply(targets("tcp://127.0.0.1:0?name=a"))
-    assert again is first and removed == []
+    assert again is first
+    assert removed == []
     (other,), removed = registry.apply(targets("tcp://127.0.0.1:0?name=b"))
-    assert other is not first and removed == [first]
+    assert other is not first
+    assert removed == [first]
     first.sock.close()
 
 

@@ -8,7 +8,6 @@ import fcntl
 import os
 import socket
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from nodrop.kernel.bpf import (
     stx_mem,
 )
 from nodrop.testing import netns
+from nodrop.testing.waiting import wait_for
 
 HERE = str(Path(__file__).resolve())
 
@@ -104,7 +104,7 @@ def test_program_loads_with_cloexec_fds_and_closes() -> None:
             assert os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf-")
     assert steering.fds == (-1, -1)
     for fd in fds:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(fd)  # really closed (unless reused, which nothing here does)
     with pytest.raises(BpfError, match="closed"):
         steering.active_cookie()
@@ -153,12 +153,11 @@ def _queue_len(listener: socket.socket) -> int:
 
 
 def _wait_queues(listeners: list[socket.socket], total: int) -> list[int]:
-    deadline = time.monotonic() + 10
-    for _ in range(100_000):
-        lens = [_queue_len(s) for s in listeners]
-        if sum(lens) >= total or time.monotonic() > deadline:
-            return lens
-        time.sleep(0.002)  # polling interval
+    """The accept queues' lengths once ``total`` connections are queued."""
+    wait_for(
+        lambda: sum(_queue_len(s) for s in listeners) >= total,
+        what=f"{total} connections in the accept queues",
+    )
     return [_queue_len(s) for s in listeners]
 
 
@@ -202,7 +201,8 @@ def test_map_rejects_sockets_that_cannot_listen_for_the_group() -> None:
         assert out[name] != "accepted", (name, out)
         err, msg = out[name]
         assert err in (errno.EINVAL, errno.EOPNOTSUPP), (name, out)
-        assert "listening TCP" in msg and "SO_REUSEPORT" in msg
+        assert "listening TCP" in msg
+        assert "SO_REUSEPORT" in msg
     err, msg = out["twice"]
     assert err == errno.EBUSY
     assert "already the active listener" in msg

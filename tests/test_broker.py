@@ -25,11 +25,15 @@ class FakeHost:
     """The supervisor as the broker sees it: every peer is a ready worker of
     the active generation 2."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, workers: bool = True) -> None:
         self.active: Any = SimpleNamespace(number=2, state=GenState.ACTIVE)
         self.logs: list[str] = []
+        self.workers = workers
+        """False: no peer is a worker."""
 
     def worker_of(self, pid: int) -> Any:
+        if not self.workers:
+            return None
         return SimpleNamespace(pid=pid, state=WorkerState.READY), self.active
 
     def log(self, message: str) -> None:
@@ -81,9 +85,11 @@ async def give_with_broker(
     return await asyncio.to_thread(give)
 
 
-def run_broker(tmp_path: Path, scenario: Any, **kwargs: Any) -> tuple[Any, ConnectionBroker]:
+def run_broker(
+    tmp_path: Path, scenario: Any, host: FakeHost | None = None, **kwargs: Any
+) -> tuple[Any, ConnectionBroker]:
     broker = ConnectionBroker(str(tmp_path / "broker.sock"), **kwargs)
-    host = FakeHost()
+    host = host or FakeHost()
 
     async def main() -> Any:
         await broker.start(host)
@@ -109,15 +115,18 @@ def test_receiver_dies_mid_handoff_connections_closed_gracefully_and_counted(
 
         return await give_with_broker(broker, [s for _, s in pairs], before=register)
 
-    result, broker = run_broker(tmp_path, scenario, linger=0.5)
+    host = FakeHost()
+    result, broker = run_broker(tmp_path, scenario, host, linger=0.5)
     assert result == GiveResult(placed=0, closed=5, unknown=0, returned=())
     assert proc[0].wait(timeout=10) == 3
     for client, _server in pairs:
         assert client.recv(10) == b""  # a FIN, not a reset: the close was graceful
     stats = broker.stats()
-    assert stats["closed"] == 5 and stats["receivers_lost"] == 1 and stats["placed"] == 0
+    assert stats["closed"] == 5
+    assert stats["receivers_lost"] == 1
+    assert stats["placed"] == 0
     assert stats["lingering"] == 0
-    assert any("died or stalled" in line for line in broker._host.logs)  # type: ignore[union-attr]
+    assert any("died or stalled" in line for line in host.logs)
 
 
 def test_no_receiver_returns_every_connection_untouched(tmp_path: Path, tcp_pairs: Any) -> None:
@@ -127,7 +136,8 @@ def test_no_receiver_returns_every_connection_untouched(tmp_path: Path, tcp_pair
         return await give_with_broker(broker, [s for _, s in pairs])
 
     result, broker = run_broker(tmp_path, scenario)
-    assert result.returned == (0, 1, 2) and result.placed == 0
+    assert result.returned == (0, 1, 2)
+    assert result.placed == 0
     for client, server in pairs:  # still ours, still open: nothing was read or closed
         client.sendall(b"ping")
         assert server.recv(10) == b"ping"
@@ -148,9 +158,11 @@ def test_room_is_respected_and_the_rest_returned(
         return await give_with_broker(broker, [s for _, s in pairs], before=register)
 
     result, _broker = run_broker(tmp_path, scenario)
-    assert result.placed == 3 and result.returned == (3, 4)
+    assert result.placed == 3
+    assert result.returned == (3, 4)
     out = proc[0].stdout
-    assert out is not None and out.readline() == b"got 3\n"
+    assert out is not None
+    assert out.readline() == b"got 3\n"
     # The placed ones live in the receiver: our copies are closed, theirs not.
     for client, _ in pairs[:3]:
         client.sendall(b"x")
@@ -164,8 +176,6 @@ def test_a_peer_that_is_not_a_worker_is_refused(tmp_path: Path) -> None:
     from nodrop.errors import ProtocolError
 
     async def scenario(broker: ConnectionBroker) -> str:
-        broker._host.worker_of = lambda pid: None  # type: ignore[union-attr,method-assign]
-
         def try_give() -> str:
             from nodrop.connhandoff.client import Receiver
 
@@ -175,5 +185,5 @@ def test_a_peer_that_is_not_a_worker_is_refused(tmp_path: Path) -> None:
 
         return await asyncio.to_thread(try_give)
 
-    message, _ = run_broker(tmp_path, scenario)
+    message, _ = run_broker(tmp_path, scenario, FakeHost(workers=False))
     assert "not a worker" in message

@@ -61,7 +61,8 @@ def test_keepalive_load_twenty_reloads_no_failure_no_reconnect(supervise: Start)
     assert result.failed == 0, result.outcomes
     assert result.reconnects == 0, result.reconnect_causes
     handoff = sup.status()["handoff"]
-    assert handoff["placed"] > 0 and handoff["closed"] == 0, handoff
+    assert handoff["placed"] > 0, handoff
+    assert handoff["closed"] == 0, handoff
     assert f"placed {handoff['placed']}, returned" in sup.cli("status").stdout
     assert sup.stop() == 0
 
@@ -89,7 +90,8 @@ def test_500_idle_connections_survive_5_reloads(supervise: Start) -> None:
             assert {b.split(",")[0] for b in bodies} == {f"hello from generation {number}"}
         assert [c.getsockname()[1] for c in conns] == ports
         handoff = sup.status()["handoff"]
-        assert handoff["placed"] == 5 * 500 and handoff["closed"] == 0, handoff
+        assert handoff["placed"] == 5 * 500, handoff
+        assert handoff["closed"] == 0, handoff
     finally:
         for c in conns:
             c.close()
@@ -165,13 +167,15 @@ def test_websocket_and_line_sessions_survive_5_reloads_with_state(supervise: Sta
         first_ws = _ws_echo(ws, "hi")
         line_session = first_line.split()[1]
         ws_session = first_ws.split()[1]
-        assert first_line.endswith("count=1 gen=1") and first_ws.endswith("count=1 gen=1")
+        assert first_line.endswith("count=1 gen=1")
+        assert first_ws.endswith("count=1 gen=1")
         for number in range(2, 7):
             assert sup.reload(wait="drained")["ok"]
             assert _line(line, "hello") == f"hello {line_session} count={number} gen={number}"
             assert _ws_echo(ws, "hi") == f"hi {ws_session} count={number} gen={number}"
         handoff = sup.status()["handoff"]
-        assert handoff["placed"] == 10 and handoff["closed"] == 0, handoff
+        assert handoff["placed"] == 10, handoff
+        assert handoff["closed"] == 0, handoff
     finally:
         line.close()
         ws.close()
@@ -183,24 +187,36 @@ def test_reexec_with_handoff_on_keeps_handing_over(supervise: Start) -> None:
         "--handoff", "--listen", "tcp://127.0.0.1:0", "--workers", "2", "--ready-grace", "0.05",
         command=DEMO,
     )  # fmt: skip
+    port = sup.port()
     config = LoadConfig(
-        host="127.0.0.1", port=sup.port(), mode=Mode.KEEPALIVE, concurrency=8, duration=6.0,
+        host="127.0.0.1", port=port, mode=Mode.KEEPALIVE, concurrency=8, duration=6.0,
         processes=1, timeout=5.0,
     )  # fmt: skip
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        load = pool.submit(run_load, config)
-        assert sup.reload(wait="drained")["ok"]  # generation 2 registers its receivers
-        for _ in range(2):
-            done = sup.cli("reexec")
-            assert done.returncode == 0, done.stdout + done.stderr
-        placed_before = sup.status()["handoff"]["placed"]
-        # Generation 2's drain after the re-execs goes through the adopted broker.
-        answer = sup.reload(wait="drained")
-        result = load.result()
-    assert answer["ok"], answer
+    # Idle keep-alive connections of our own: whether or not the load still
+    # runs by the last reload, these are open and idle when generation 2 drains.
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            load = pool.submit(run_load, config)
+            assert sup.reload(wait="drained")["ok"]  # generation 2 registers its receivers
+            assert {ask(c).split(",")[0] for c in idle} == {"hello from generation 2"}
+            for _ in range(2):
+                done = sup.cli("reexec")
+                assert done.returncode == 0, done.stdout + done.stderr
+            placed_before = sup.status()["handoff"]["placed"]
+            # Generation 2's drain after the re-execs goes through the adopted broker.
+            answer = sup.reload(wait="drained")
+            assert answer["ok"], answer
+            bodies = [ask(c) for c in idle]  # raises on a connection that was closed
+            result = load.result()
+    finally:
+        for c in idle:
+            c.close()
+    assert {b.split(",")[0] for b in bodies} == {"hello from generation 3"}
     status = sup.status()
     assert status["reexecs"] == 2
-    assert status["handoff"]["placed"] > placed_before, (placed_before, status["handoff"])
+    placed = status["handoff"]["placed"]
+    assert placed >= placed_before + len(idle), (placed_before, status["handoff"])
     assert result.failed == 0, result.outcomes
     assert result.reconnects == 0, result.reconnect_causes
     assert sup.stop() == 0

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from conftest import Procs, wait_for
+from conftest import Procs
+from nodrop.testing.waiting import wait_for
 from supervisor_harness import Supervised, start
 
 
@@ -36,7 +37,8 @@ def test_demo_reloads_under_load_and_drops_nothing(tmp_path: Path) -> None:
     result = json.loads(done.stdout)  # --json: one JSON document and nothing else
     assert result["failed"] == 0
     assert result["outcomes"]["ok"] > 500
-    assert len(result["reloads"]) == 3 and all(r["ok"] for r in result["reloads"])
+    assert len(result["reloads"]) == 3
+    assert all(r["ok"] for r in result["reloads"])
     assert all(r["old_exited"] is not None for r in result["reloads"])
     assert 'id="timeline"' in report.read_text()
     assert "no request failed across 3 reloads" in done.stderr
@@ -78,7 +80,8 @@ def test_bench_through_the_control_socket(demo_app: Supervised, tmp_path: Path) 
         str(report),
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "failed per 10^6" in done.stdout and "reload " in done.stdout
+    assert "failed per 10^6" in done.stdout
+    assert "reload " in done.stdout
     assert report.exists()
 
 
@@ -106,8 +109,11 @@ def test_bench_with_a_reload_command_and_keepalive(demo_app: Supervised) -> None
     result: dict[str, Any] = json.loads(done.stdout)
     assert result["outcomes"]["ok"] > 100
     assert len(result["reloads"]) == 2
-    # `kill -HUP` returns before the reload it asks for is done: wait for it.
-    wait_for(lambda: demo_app.status()["active_generation"] == 3, timeout=30, what="generation 3")
+    # `kill -HUP` returns before the reload it asks for is done.
+    wait_for(
+        lambda: demo_app.status()["active_generation"] == 3,
+        what="the second SIGHUP's reload to finish",
+    )
 
 
 @pytest.mark.parametrize(

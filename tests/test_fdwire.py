@@ -192,7 +192,8 @@ def test_malformed_transfers_are_refused_and_fds_closed(
             b.recv_sockets()
         assert error in str(info.value)
         reply, _ = a.recv()
-        assert reply["op"] == "error" and error in reply["message"]
+        assert reply["op"] == "error"
+        assert error in reply["message"]
     # the autouse fixture checks that the received duplicates were closed
 
 
@@ -280,7 +281,8 @@ def test_peer_of_another_uid_is_denied_and_told(procs: Procs) -> None:
                 accept(server)
             assert proc.stdout is not None
             reply = json.loads(proc.stdout.readline())
-            assert reply["op"] == "error" and "65534" in reply["message"]
+            assert reply["op"] == "error"
+            assert "65534" in reply["message"]
             proc.wait(timeout=10)
             # and the server still accepts an allowed peer
             peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

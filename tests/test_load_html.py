@@ -56,7 +56,8 @@ def _result() -> LoadResult:
 def test_html_is_self_contained() -> None:
     page = render_html(_result())
     assert page.startswith("<!DOCTYPE html>")
-    assert 'id="timeline"' in page and "<svg" in page
+    assert 'id="timeline"' in page
+    assert "<svg" in page
     assert page.count('class="reload"') == 2
     assert "&lt;killed&gt;" in page  # messages are escaped
     assert not re.search(r"(src|href)\s*=", page)  # no external assets
@@ -94,7 +95,8 @@ def _png_pixels(data: bytes) -> tuple[int, int, int, list[bytes]]:
         elif kind == b"IEND":
             break
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
-    assert depth == 8 and colour in (2, 6) and interlace == 0, (depth, colour, interlace)
+    assert (depth, interlace) == (8, 0), (depth, colour, interlace)
+    assert colour in (2, 6), (depth, colour, interlace)
     bpp = 3 if colour == 2 else 4
     raw = zlib.decompress(bytes(idat))
     stride = width * bpp
@@ -145,7 +147,9 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         check=True,
         env=env,
     ).stdout
-    assert 'id="timeline"' in dom and "<polyline" in dom and 'id="summary"' in dom
+    assert 'id="timeline"' in dom
+    assert "<polyline" in dom
+    assert 'id="summary"' in dom
 
     width, height, bpp, rows = _png_pixels(shot.read_bytes())
     assert (width, height) == (1200, 900)

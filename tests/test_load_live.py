@@ -89,10 +89,12 @@ class Server:
         except OSError:
             pass
         finally:
+            # Closed first: once a waiter sees the connection gone, its FIN
+            # or RST is already on the client's side (loopback is synchronous).
+            conn.close()
             with self.changed:
                 self.conns.discard(conn)
                 self.changed.notify_all()
-            conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         b = self.behaviour
@@ -200,14 +202,6 @@ def _close_attempt(port: int, timeout: float = 2.0) -> Outcome:
     return outcome
 
 
-def _free_port() -> int:
-    """A port nothing listens on: bind, read the port, close."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 # --- classification, provoked for real ------------------------------------
 
 
@@ -229,8 +223,8 @@ def test_close_mode_classifies_real_servers(
     assert _close_attempt(server.port) is expected
 
 
-def test_refused_port() -> None:
-    assert _close_attempt(_free_port()) is Outcome.REFUSED
+def test_refused_port(refused_port: int) -> None:
+    assert _close_attempt(refused_port) is Outcome.REFUSED
 
 
 def test_stalled_server_times_out(server_factory: object) -> None:
@@ -241,7 +235,7 @@ def test_stalled_server_times_out(server_factory: object) -> None:
     assert 0.3 <= time.monotonic() - started < 2.0
 
 
-def test_tcp_line_mode(server_factory: object) -> None:
+def test_tcp_line_mode(server_factory: object, refused_port: int) -> None:
     assert callable(server_factory)
     echo = server_factory(Behaviour.ECHO_LINE)
 
@@ -249,7 +243,7 @@ def test_tcp_line_mode(server_factory: object) -> None:
         return await tcp_line_attempt(ADDR_FAMILY, ("127.0.0.1", port), b"ping\n", 2.0)
 
     assert asyncio.run(attempt(echo.port)) is Outcome.OK
-    assert asyncio.run(attempt(_free_port())) is Outcome.REFUSED
+    assert asyncio.run(attempt(refused_port)) is Outcome.REFUSED
     eof = server_factory(Behaviour.EOF)  # reads to "\r\n\r\n": never, then teardown
     reset = server_factory(Behaviour.RESET)
     assert asyncio.run(attempt(reset.port)) is Outcome.RESET
@@ -431,10 +425,10 @@ def test_run_load_is_bounded_by_count(server_factory: object) -> None:
     assert time.monotonic() - started < 15
 
 
-def test_run_load_counts_refused() -> None:
+def test_run_load_counts_refused(refused_port: int) -> None:
     config = LoadConfig(
         host="127.0.0.1",
-        port=_free_port(),
+        port=refused_port,
         mode=Mode.TCP,
         concurrency=2,
         processes=1,
@@ -450,10 +444,14 @@ def test_run_load_counts_refused() -> None:
 def test_command_reloader_records_the_command() -> None:
     ok = CommandReloader("true", settle=0.0).reload()
     assert ok.ok
-    assert ok.ready is None and ok.old_exited is None
-    assert ok.finished is not None and ok.window == (ok.started, ok.finished)
+    assert ok.ready is None
+    assert ok.old_exited is None
+    assert ok.finished is not None
+    assert ok.window == (ok.started, ok.finished)
     failed = CommandReloader("echo nope >&2; exit 3").reload()
     assert not failed.ok
-    assert "exited 3" in failed.message and "nope" in failed.message
+    assert "exited 3" in failed.message
+    assert "nope" in failed.message
     slow = CommandReloader("exec sleep 5", timeout=0.2).reload()
-    assert not slow.ok and "timed out" in slow.message
+    assert not slow.ok
+    assert "timed out" in slow.message

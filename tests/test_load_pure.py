@@ -106,7 +106,8 @@ def test_parser_incomplete_at_eof(raw: bytes) -> None:
 
 def test_parser_body_until_eof() -> None:
     parser = _parse([b"HTTP/1.1 200 OK\r\n\r\nsome", b" body"])
-    assert not parser.complete and not parser.keep_alive
+    assert not parser.complete
+    assert not parser.keep_alive
     assert parser.feed_eof()
 
 
@@ -153,7 +154,7 @@ def test_build_request(host: str, keep_alive: bool, expected: bytes) -> None:
 
 @pytest.mark.parametrize("path", ["x", "/a b", "/a\r\nX: y"])
 def test_build_request_rejects_bad_path(path: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad request path"):
         build_request("h", 1, path, keep_alive=True)
 
 
@@ -212,13 +213,13 @@ def test_histogram_merge_equals_one_histogram() -> None:
     for q in (50, 99, 99.9, 100):
         assert a.percentile(q) == one.percentile(q)
     assert one.percentile(100) == one.max == values[-1]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="different parameters"):
         a.merge(Histogram(relative_error=0.01))
 
 
 def test_histogram_empty() -> None:
     assert Histogram().percentile(50) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="q must be in"):
         Histogram().percentile(0)
 
 
@@ -288,13 +289,19 @@ def test_summarize_splits_steady_and_reload() -> None:
     samples.reconnect_causes.extend([CLEAN_CLOSE, int(Outcome.RESET)])
     reload = ReloadRecord(t0 + 1.0, t0 + 1.1, t0 + 1.8, True, "fake")
     result = summarize(config, samples, [reload], started=t0, ended=t0 + 3.0, processes=2)
-    assert result.attempts == 6 and result.ok == 4 and result.failed == 2
-    assert result.outcomes["refused"] == 1 and result.outcomes["timeout"] == 1
-    assert result.outcomes_in_reload["ok"] == 2 and result.outcomes_in_reload["refused"] == 1
-    assert result.steady.count == 2 and result.reload.count == 2
+    assert result.attempts == 6
+    assert result.ok == 4
+    assert result.failed == 2
+    assert result.outcomes["refused"] == 1
+    assert result.outcomes["timeout"] == 1
+    assert result.outcomes_in_reload["ok"] == 2
+    assert result.outcomes_in_reload["refused"] == 1
+    assert result.steady.count == 2
+    assert result.reload.count == 2
     assert result.reload.max == pytest.approx(0.2)
     assert result.steady.max == pytest.approx(0.002)
-    assert result.reconnects == 2 and result.reconnects_in_reload == 1
+    assert result.reconnects == 2
+    assert result.reconnects_in_reload == 1
     assert result.reconnect_causes == {"clean_close": 1, "reset": 1}
     assert [s.attempts for s in result.timeline] == [1, 3, 2]
     assert [s.errors for s in result.timeline] == [0, 1, 1]
@@ -302,7 +309,10 @@ def test_summarize_splits_steady_and_reload() -> None:
     assert result.generator_cpu == pytest.approx(0.25)
     assert result.failed_per_million == pytest.approx(1e6 / 3)
     data = result.to_dict()
-    assert data["attempts"] == 6 and data["reloads"][0]["window"] == [t0 + 1.0, t0 + 1.8]  # type: ignore[index]
+    assert data["attempts"] == 6
+    reloads = data["reloads"]
+    assert isinstance(reloads, list)
+    assert reloads[0]["window"] == [t0 + 1.0, t0 + 1.8]
     text = format_table(result)
     for needle in ("attempts", "refused", "timeout", "p99.9", "reconnects", "fake", "ratio"):
         assert needle in text
@@ -311,8 +321,10 @@ def test_summarize_splits_steady_and_reload() -> None:
 def test_summarize_empty_run() -> None:
     config = LoadConfig(host="127.0.0.1", port=1, duration=2.0)
     result = summarize(config, Samples(), [], started=5.0, ended=7.0, processes=1)
-    assert result.attempts == 0 and result.overall.p99 is None
-    assert len(result.timeline) == 2 and result.achieved_rate == 0
+    assert result.attempts == 0
+    assert result.overall.p99 is None
+    assert len(result.timeline) == 2
+    assert result.achieved_rate == 0
     assert "-" in format_table(result)
 
 
@@ -358,4 +370,5 @@ def test_reload_schedule() -> None:
 
 
 def test_array_typecodes_match_wire_sizes() -> None:
-    assert array.array("d").itemsize == 8 and array.array("B").itemsize == 1
+    assert array.array("d").itemsize == 8
+    assert array.array("B").itemsize == 1

@@ -177,15 +177,20 @@ def test_scrape_and_ledger_of_a_running_supervisor(supervise: Start, handoff: bo
         answer = sup.reload(wait="drained")
         assert answer["ok"], answer
     ledger = sup.status()["reloads"][-1]["ledger"]
-    assert len(ledger) == 1 and ledger[0]["complete"], ledger
+    assert len(ledger) == 1, ledger
+    assert ledger[0]["complete"], ledger
     entry = ledger[0]
-    assert entry["generation"] == 1 and entry["replaced_by"] == 2
+    assert entry["generation"] == 1
+    assert entry["replaced_by"] == 2
     assert entry["open_at_drain"] == 5, entry
-    assert entry["closed_by_signal"] == 0 and entry["lost"] == 0
+    assert entry["closed_by_signal"] == 0
+    assert entry["lost"] == 0
     if handoff:
-        assert entry["handed_over"] == 5 and entry["finished"] == 0, entry
+        assert entry["handed_over"] == 5, entry
+        assert entry["finished"] == 0, entry
     else:
-        assert entry["handed_over"] == 0 and entry["finished"] == 5, entry
+        assert entry["handed_over"] == 0, entry
+        assert entry["finished"] == 5, entry
     sup.reload()  # a second reload, and one that fails
     fams = families(scrape(address))
     assert sample(fams, "nodrop_reloads", "nodrop_reloads_total", outcome="ok") == 2
@@ -226,8 +231,10 @@ def test_scrape_and_ledger_of_a_running_supervisor(supervise: Start, handoff: bo
     records = [json.loads(line) for line in sup.log().splitlines() if line.startswith("{")]
     reloads = [r for r in records if r["event"] == "reload"]
     ledgers = [r for r in records if r["event"] == "ledger"]
-    assert len(reloads) == 2 and reloads[0]["data"]["generation"] == 2
-    assert ledgers and ledgers[0]["data"]["open_at_drain"] == 5
+    assert len(reloads) == 2
+    assert reloads[0]["data"]["generation"] == 2
+    assert ledgers
+    assert ledgers[0]["data"]["open_at_drain"] == 5
     assert {"time", "pid", "level", "message"} <= set(reloads[0])
 
 
@@ -250,6 +257,8 @@ def test_ledger_counts_connections_cut_by_the_drain_timeout(supervise: Start) ->
         answer = sup.reload(wait="drained")
         assert answer["ok"], answer
     entry = sup.status()["reloads"][-1]["ledger"][0]
-    assert entry["complete"] and entry["closed_by_signal"] == 3, entry
-    assert entry["finished"] == 0 and entry["lost"] == 0, entry
+    assert entry["complete"], entry
+    assert entry["closed_by_signal"] == 3, entry
+    assert entry["finished"] == 0, entry
+    assert entry["lost"] == 0, entry
     assert sup.stop() == 0

@@ -30,7 +30,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +37,7 @@ import pytest
 from nodrop.errors import NetnsError
 from nodrop.kernel.bpf import ReuseportSteering, probe_ebpf
 from nodrop.testing import netns
+from nodrop.testing.waiting import wait_for
 
 CASES = ("accept_queue", "half_open_ack", "half_open_timer")
 MODES = ("off", "sysctl", "ebpf", "ebpf_select")
@@ -48,18 +48,6 @@ NFT_TABLE = "nodrop_test"
 TCP_SYN_RECV = 3  # /proc/net/tcp state of a request socket
 
 # --- the scenario (runs inside the child's private netns) --------------------
-
-
-def _poll(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll ``cond`` until true or raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    for _ in range(100_000):
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.002)  # polling interval between checks, not the wait itself
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _listener(port: int, backlog: int) -> socket.socket:
@@ -211,10 +199,14 @@ def run_case(case: str, mode: str, n: str = str(N_CLIENTS)) -> dict[str, int]:
             c.settimeout(WAIT)
             c.connect(("127.0.0.1", port))  # returns at the SYN-ACK
         if half_open:
-            _poll(lambda: syn_recv_count(port) == clients_n, f"{clients_n} half-open requests")
+            wait_for(
+                lambda: syn_recv_count(port) == clients_n, WAIT, f"{clients_n} half-open requests"
+            )
             queued = syn_recv_count(port)
         else:
-            _poll(lambda: accept_queue_len(old) == clients_n, f"{clients_n} queued children")
+            wait_for(
+                lambda: accept_queue_len(old) == clients_n, WAIT, f"{clients_n} queued children"
+            )
             queued = accept_queue_len(old)
         new = _listener(port, backlog)
         if steering:
@@ -230,7 +222,7 @@ def run_case(case: str, mode: str, n: str = str(N_CLIENTS)) -> dict[str, int]:
                     return syn_recv_count(port) == 0
                 return migrate_counters()[0] - ok0 >= clients_n
 
-            _poll(timer_done, "the SYN-ACK retransmit timer")
+            wait_for(timer_done, WAIT, "the SYN-ACK retransmit timer")
         if half_open:
             allow_final_acks()
         result = exchange(clients)
@@ -283,7 +275,7 @@ def test_migration(case: str, mode: str) -> None:
 
 
 def test_unknown_case_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown case/mode"):
         run_case("nope", "off")
 
 
@@ -343,7 +335,7 @@ def test_run_in_netns_kills_a_child_past_its_timeout() -> None:
     _require("off")
     start = time.monotonic()
     with pytest.raises(NetnsError, match="timed out"):
-        netns.run_in_netns(f"{Path(__file__).resolve()}:child_hang", timeout=1.5)
+        netns.run_in_netns(f"{Path(__file__).resolve()}:child_hang", timeout=0.5)
     assert time.monotonic() - start < 10
 
 

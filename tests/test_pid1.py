@@ -16,16 +16,20 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import CHILDREN, Procs, wait_for
+from conftest import CHILDREN, Procs
 from nodrop.systemd.receiver import NotifyReceiver
-from supervisor_harness import Supervised, free_port, http_get
+from nodrop.testing.waiting import wait_for
+from supervisor_harness import Supervised, http_get
 
-WORKER = [sys.executable, str(CHILDREN / "servers" / "pid1_worker.py")]
+WORKER = [
+    sys.executable,
+    "-S",
+    str(CHILDREN / "servers" / "pid1_worker.py"),
+]  # stdlib only: no site
 
 
 def pid_namespaces_unavailable() -> str | None:
@@ -96,7 +100,7 @@ def as_pid1(
         proc = procs.popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     sup = Supervised(proc, control, notify, log_path)
     try:
-        pid1 = int(wait_for(lambda: children_of(proc.pid), what="PID 1 of the namespace")[0])  # type: ignore[index]
+        pid1 = wait_for(lambda: children_of(proc.pid), what="PID 1 of the namespace")[0]
         if wait_ready:
             sup.wait_for_field("READY")
     except BaseException:
@@ -106,27 +110,27 @@ def as_pid1(
 
 
 @pytest.fixture
-def pid1_dir(tmp_path: Path) -> Iterator[Path]:
+def pid1_dir(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    yield out
+    return out
 
 
 def test_pid1_reaps_orphans_and_stops_gracefully_on_sigterm(
     procs: Procs, tmp_path: Path, pid1_dir: Path
 ) -> None:
-    port = free_port()
     sup, pid1 = as_pid1(
         procs,
         tmp_path,
         "--listen",
-        f"tcp://127.0.0.1:{port}",
+        "tcp://127.0.0.1:0",
         "--ready-grace",
         "0",
         command=[*WORKER, "--dir", str(pid1_dir)],
     )
     try:
         assert sup.status()["pid"] == 1  # PID 1 of its namespace
+        port = sup.port()
         assert "gen=1" in http_get(port)
         # The orphan was re-parented to PID 1 (it saw getppid() == 1) and exited.
         wait_for(lambda: (pid1_dir / "orphan-1").exists(), what="the orphan to exit")

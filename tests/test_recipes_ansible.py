@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,15 @@ def port_of(control: Path) -> int:
     return int(status["listeners"][0]["address"].rsplit(":", 1)[1])
 
 
+def serving_generation(control: Path, env: dict[str, str], generation: int) -> bool:
+    """``nodrop status`` at ``control`` says ``generation`` is active."""
+    out = subprocess.run(
+        [sys.executable, "-m", "nodrop", "status", "--json", "--control", str(control)],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    ).stdout  # fmt: skip
+    return bool(json.loads(out or "{}").get("active_generation") == generation)
+
+
 def test_rollout_is_gated_on_nodrop_reload(
     procs: Procs, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -112,17 +122,8 @@ def test_rollout_is_gated_on_nodrop_reload(
     for host, (_, control) in hosts.items():
         # A supervisor says READY=1 to its own service manager; here, with none,
         # its status is the signal.
-        wait_for(lambda c=control: c.exists(), timeout=60, what=f"{host}'s control socket")
-        wait_for(
-            lambda c=control: json.loads(
-                subprocess.run(
-                    [sys.executable, "-m", "nodrop", "status", "--json", "--control", str(c)],
-                    env=env, capture_output=True, text=True, timeout=30, check=False,
-                ).stdout or "{}"
-            ).get("active_generation") == 1,
-            timeout=60,
-            what=f"{host} serving",
-        )  # fmt: skip
+        wait_for(partial(Path.exists, control), timeout=60, what=f"{host}'s control socket")
+        wait_for(partial(serving_generation, control, env, 1), timeout=60, what=f"{host} serving")
     inventory = tmp_path / "hosts.ini"
     inventory.write_text(
         "[web]\n"

@@ -88,19 +88,22 @@ def test_two_apps_need_no_control_flag(procs: Procs, tmp_path: Path) -> None:
     api = start(procs, tmp_path, env, "api", "--listen", "tcp://127.0.0.1:0")
     try:
         sockets = sorted(p.name for p in (runtime / "nodrop").iterdir())
-        assert sockets[1] == "web.sock" and sockets[0].startswith("tcp-127.0.0.1-0-pid"), sockets
+        assert sockets[1] == "web.sock", sockets
+        assert sockets[0].startswith("tcp-127.0.0.1-0-pid"), sockets
         api_name = sockets[0].removesuffix(".sock")
 
         listed = nodrop(env, "status", "--all")
         assert listed.returncode == 0, listed.stdout + listed.stderr
         assert listed.stdout.count("generation 1 serving") == 2, listed.stdout
-        assert "web: pid" in listed.stdout and f"{api_name}: pid" in listed.stdout
+        assert "web: pid" in listed.stdout
+        assert f"{api_name}: pid" in listed.stdout
         as_json = json.loads(nodrop(env, "status", "--all", "--json").stdout)
         assert sorted(s["name"] for s in as_json) == sorted(["web", api_name])
 
         ambiguous = nodrop(env, "reload")
         assert ambiguous.returncode == 2
-        assert "2 supervisors run here" in ambiguous.stderr and "--name" in ambiguous.stderr
+        assert "2 supervisors run here" in ambiguous.stderr
+        assert "--name" in ambiguous.stderr
 
         done = nodrop(env, "reload", "--name", "web")
         assert done.returncode == 0, done.stdout + done.stderr
@@ -118,7 +121,8 @@ def test_two_apps_need_no_control_flag(procs: Procs, tmp_path: Path) -> None:
         assert nodrop(env, "stop").returncode == 0
         assert api.proc.wait(timeout=30) == 0
         none = nodrop(env, "status", "--all")
-        assert none.returncode == 2 and "no supervisor answers" in none.stdout
+        assert none.returncode == 2
+        assert "no supervisor answers" in none.stdout
     finally:
         web.notify.close()
         api.notify.close()

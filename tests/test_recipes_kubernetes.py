@@ -33,7 +33,8 @@ EXAMPLES = HERE.parent / "examples"
 
 def deployment() -> dict[str, Any]:
     docs = list(yaml.safe_load_all((EXAMPLES / "kubernetes" / "deployment.yaml").read_text()))
-    assert len(docs) == 1 and docs[0]["kind"] == "Deployment"
+    assert len(docs) == 1
+    assert docs[0]["kind"] == "Deployment"
     return dict(docs[0])
 
 
@@ -61,9 +62,11 @@ def test_sidecar_reaches_the_control_socket() -> None:
     control_dir = os.path.dirname(os.path.dirname(env_of(app)["NODROP_CONTROL"]))
     for c in (app, sidecar):
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        assert mounts["control"] == control_dir and mounts["config"] == "/etc/myapp"
+        assert mounts["control"] == control_dir
+        assert mounts["config"] == "/etc/myapp"
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert "emptyDir" in volumes["control"] and "configMap" in volumes["config"]
+    assert "emptyDir" in volumes["control"]
+    assert "configMap" in volumes["config"]
     # One uid: the control socket answers only peers of its own uid.
     assert "runAsUser" in spec["securityContext"]
     assert not any("securityContext" in c for c in (app, sidecar))
@@ -124,7 +127,8 @@ def test_sidecar_script_reloads_on_a_configmap_swap(
     with open(log, "wb") as out:
         sidecar = procs.popen(script, env=env, stdout=out, stderr=subprocess.STDOUT)
     time.sleep(0.3)  # a few idle rounds of the watcher: nothing changed, nothing reloaded
-    assert sup.status()["active_generation"] == 1 and sidecar.poll() is None
+    assert sup.status()["active_generation"] == 1
+    assert sidecar.poll() is None
 
     configmap_volume(config, {"greeting": "hello-v2"}, "2026_01_01_00_01_00.2")
     wait_for(lambda: sup.status()["active_generation"] == 2, timeout=30, what="the reload")

@@ -65,11 +65,13 @@ def test_status_wording() -> None:
     assert "    worker 1: pid 11 draining (stopped accepting)\n" in text + "\n"
     assert "    worker 1: pid 12 ready: uvicorn serving" in text
     # Tracebacks stay in --json: one line each here.
-    assert "Traceback" not in text and "ImportError" not in text
+    assert "Traceback" not in text
+    assert "ImportError" not in text
     assert "generation 3: failed, age 0.5s (generation 3, worker 1 exited" in text
     assert "in /srv/a/releases/2" in text
     assert "generation 1 drained in 1.50s: 4 connection(s) finished, 0 handed over" in text
-    assert "warning: first line" in text and "second line" not in text
+    assert "warning: first line" in text
+    assert "second line" not in text
 
 
 def test_rollback_reason_comes_before_the_captured_stderr() -> None:
@@ -105,4 +107,5 @@ def test_help_texts() -> None:
     for option in ("--chdir DIR", "--name NAME", "--metrics tcp://HOST:PORT", "--log-format"):
         assert option in run
     status_help = " ".join(help_of("status").split())
-    assert "--all" in status_help and "prometheus" in status_help
+    assert "--all" in status_help
+    assert "prometheus" in status_help

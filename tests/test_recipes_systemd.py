@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -146,11 +145,11 @@ def localize(command: str, root: Path, run_dir: Path, port: int) -> list[str]:
 
 
 @pytest.fixture
-def layout(tmp_path: Path, dist: Path) -> Iterator[Path]:
+def layout(tmp_path: Path, dist: Path) -> Path:
     root = tmp_path / "srv" / "myapp"
     make_release(root, "1", wheel_of(dist))
     flip(root, "1")
-    yield root
+    return root
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
@@ -168,7 +167,9 @@ def test_units_verify_with_the_release_layout(tmp_path: Path, layout: Path) -> N
         ["systemd-analyze", "verify", "--man=no", *paths],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert out.returncode == 0 and not out.stderr.strip() and not out.stdout.strip(), out
+    assert out.returncode == 0, out
+    assert not out.stderr.strip(), out
+    assert not out.stdout.strip(), out
 
 
 def test_flip_current_and_reload_runs_the_new_release(
@@ -200,7 +201,8 @@ def test_flip_current_and_reload_runs_the_new_release(
         assert sup.wait_for_field("READY", timeout=60).pid == pid
         release1 = (layout / "releases" / "1").resolve()
         body = http_get(port)
-        assert body.startswith("release=1 gen=1 ") and f"cwd={release1} " in body, body
+        assert body.startswith("release=1 gen=1 "), body
+        assert f"cwd={release1} " in body, body
         assert f"nodrop={release1}/venv/lib/" in body, body  # the release's own nodrop
 
         # Deploy release 2: unpack beside, flip the link, reload.
@@ -210,11 +212,13 @@ def test_flip_current_and_reload_runs_the_new_release(
         assert done.returncode == 0, done.stdout + done.stderr + sup.log()
         release2 = (layout / "releases" / "2").resolve()
         bodies = {http_get(port) for _ in range(20)}
-        assert len(bodies) <= 2 and all(b.startswith("release=2 gen=2 ") for b in bodies), bodies
+        assert len(bodies) <= 2, bodies
+        assert all(b.startswith("release=2 gen=2 ") for b in bodies), bodies
         assert all(f"cwd={release2} " in b and f"nodrop={release2}/venv/lib/" in b for b in bodies)
         status = request(sup.control, "status", timeout=10)
         gens = {g["generation"]: g for g in status["generations"]}
-        assert gens[2]["cwd"] == str(release2) and gens[1]["cwd"] == str(release1)
+        assert gens[2]["cwd"] == str(release2)
+        assert gens[1]["cwd"] == str(release1)
 
         # A broken release 3 is rolled back: release 2 keeps serving.
         make_release(layout, "3", wheel_of(dist), broken=True)
@@ -246,7 +250,8 @@ def test_a_missing_release_directory_is_rolled_back(
     os.symlink("releases/does-not-exist", layout / "current")
     done = sup.cli("reload")
     assert done.returncode == 1
-    assert "is not a directory" in done.stdout and "rolled back" in done.stdout, done.stdout
+    assert "is not a directory" in done.stdout, done.stdout
+    assert "rolled back" in done.stdout, done.stdout
     assert sup.status()["active_generation"] == 1
     assert sup.stop() == 0
 

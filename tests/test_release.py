@@ -211,4 +211,5 @@ def test_ci_tests_the_installed_wheel() -> None:
     from importlib.metadata import distribution
 
     direct = distribution("nodrop").read_text("direct_url.json")
-    assert direct is not None and '"editable": true' not in direct, direct
+    assert direct is not None, direct
+    assert '"editable": true' not in direct, direct

@@ -39,11 +39,14 @@ def test_fine_buckets_cover_reload_windows_only() -> None:
     assert result.fine, "no fine buckets"
     times = [b.t for b in result.fine]
     # 2.0 - 0.5 .. 2.3 + 0.5, in 100 ms steps (a sample lands by its end).
-    assert min(times) >= 1.4 and max(times) <= 2.8 + 1e-9, times
+    assert min(times) >= 1.4, times
+    assert max(times) <= 2.8 + 1e-9, times
     assert all(b.width == FINE_BUCKET for b in result.fine)
     refused = {round(b.t, 1): b.outcomes.get("refused", 0) for b in result.fine}
     # Binned by end time (start + 2 ms latency): the last ones land in the next bucket.
-    assert refused[2.1] >= 97 and refused[2.1] + refused[2.2] == 100 and refused[1.5] == 0
+    assert refused[2.1] >= 97
+    assert refused[2.1] + refused[2.2] == 100
+    assert refused[1.5] == 0
     # The one-second bin averages them: 100 of 1000 in second 2.
     assert result.timeline[2].errors == 100
 
@@ -65,20 +68,25 @@ def test_report_states_command_versions_strategy_and_baseline() -> None:
         assert key in page
     assert "<th>strategy</th><td class=left>inherit</td>" in page
     assert "keep-alive handoff</th><td class=left>off" in page
-    assert 'id="baseline"' in page and "naive restart" in page
+    assert 'id="baseline"' in page
+    assert "naive restart" in page
     assert "refused 100" in page  # the baseline's failures, by class
-    assert "Inside the reload windows" in page and 'class="fine"' in page
+    assert "Inside the reload windows" in page
+    assert 'class="fine"' in page
     assert f"Now run this against your app: <code>{NEXT_STEP}" in page.replace("&quot;", '"')
 
 
 def test_legend_has_no_class_that_did_not_occur() -> None:
     clean = render_html(synthetic(failures=False))
     legend = clean.split('<div class="legend">')[1].split("</div>")[0]
-    assert "refused" not in legend and "reset" not in legend
+    assert "refused" not in legend
+    assert "reset" not in legend
     assert "errors: none in this run" in legend
     failed = render_html(synthetic(failures=True))
     legend = failed.split('<div class="legend">')[1].split("</div>")[0]
-    assert "refused" in legend and "reset" not in legend and "timeout" not in legend
+    assert "refused" in legend
+    assert "reset" not in legend
+    assert "timeout" not in legend
 
 
 @pytest.mark.slow
@@ -96,10 +104,12 @@ def test_demo_json_is_one_document_with_a_baseline_that_fails(tmp_path: Path) ->
     run = document["run"]
     assert run["command"].startswith("nodrop demo --duration 4")
     assert set(run["versions"]) == {"nodrop", "python", "kernel", "server"}
-    assert run["strategy"] == "inherit" and run["handoff"] is False
+    assert run["strategy"] == "inherit"
+    assert run["handoff"] is False
     # The same load against a naive restart fails requests: the generator sees failures.
     assert run["baseline"]["failed"] > 0, run["baseline"]["outcomes"]
     assert len(run["baseline"]["reloads"]) == 1
     assert "now run this against your app" in done.stderr
     page = report.read_text()
-    assert 'id="baseline"' in page and "Inside the reload windows" in page
+    assert 'id="baseline"' in page
+    assert "Inside the reload windows" in page

@@ -50,7 +50,8 @@ def test_listen_without_steering_is_a_plain_reuseport_bind() -> None:
         [b] = listen(f"tcp://127.0.0.1:{port}")  # a second one joins the group
         try:
             assert a.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
-            assert b.steering is None and not b.is_active()
+            assert b.steering is None
+            assert not b.is_active()
             b.take_over()  # nothing to do without steering
         finally:
             b.close()
@@ -73,18 +74,21 @@ def test_join_and_take_over_through_pinned_steering() -> None:
     r: dict[str, Any] = netns.run_in_netns(
         f"{CHILDREN / 'reuseport_lib_scenarios.py'}:takeover", timeout=60
     )
-    assert r["on_bpffs"] and not r["tmp_on_bpffs"]
+    assert r["on_bpffs"]
+    assert not r["tmp_on_bpffs"]
     assert r["a_active"]
     assert r["pinned"] == ["map", "prog"]
     # B opened the pinned objects (its own fds) and took over
     assert r["b_fds_differ"]
-    assert r["b_active"] and not r["a_still_active"]
+    assert r["b_active"]
+    assert not r["a_still_active"]
     # every new connection went to B while A was still open...
     assert r["b_got_new"] == 12
     # ...and A's 8 queued connections migrated to B when A closed
     assert r["b_got_migrated"] == r["a_queue_before_close"] == 8
     # a listener joined with take_over=False is not active until it asks
-    assert not r["c_active_before"] and r["b_active_before_c"]
+    assert not r["c_active_before"]
+    assert r["b_active_before_c"]
     assert r["c_active_after"]
     assert r["from_fds_cookie_ok"]
     assert r["not_bpffs"][0], r["not_bpffs"]

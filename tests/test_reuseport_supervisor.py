@@ -200,7 +200,8 @@ def test_reexec_under_the_reuseport_strategy_keeps_steering(tmp_path: Path) -> N
     r = _run("reexec_under_load", str(tmp_path))
     log = r["log"]
     assert r["reexec_rc"] == [0, 0], r["reexec_out"]
-    assert r["pid_after"] == r["pid_before"] and r["reexecs"] == 2, log
+    assert r["pid_after"] == r["pid_before"], log
+    assert r["reexecs"] == 2, log
     assert [(i["migration"], i["steered"]) for i in r["listeners_after_reexec"]] == [("ebpf", True)]
     assert r["reload_ok"], log
     assert r["port_after"] == r["port"]

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import pytest
 from conftest import HERE, Procs
 from nodrop.load import LoadConfig, LoadResult, Mode, run_load
 from nodrop.load.control_reloader import ControlReloader
-from supervisor_harness import Supervised, free_port, http_get, start
+from supervisor_harness import Supervised, http_get, start
 
 EXAMPLES = HERE.parent / "examples"
 SERVERS = HERE / "children" / "servers"
@@ -50,6 +51,10 @@ class Recipe:
     app_dir: Path | None = None
     expect: str = "gen="
     env: dict[str, str] = field(default_factory=dict)
+    port_in_config: bool = False
+    """The server's own config names the port (lighttpd matches each inherited
+    socket to a configured address): the test binds port 0 itself and hands
+    the socket to nodrop as systemd's socket activation would."""
 
     def missing(self) -> str | None:
         for module in self.modules:
@@ -147,6 +152,7 @@ RECIPES = [
         ("--ready", "delay:0.3", "--drain-signal", "SIGINT"),
         binaries=("lighttpd",),
         expect="served by lighttpd",
+        port_in_config=True,
     ),
 ]
 
@@ -178,8 +184,15 @@ def parse_wrk(text: str) -> WrkReport:
         raise ValueError(f"not a wrk report:\n{text}")
     errors = _SOCKET_ERRORS.search(text)
     non_2xx = _NON_2XX.search(text)
-    counts = [int(n) for n in errors.groups()] if errors else [0, 0, 0, 0]
-    return WrkReport(int(requests.group(1)), *counts, int(non_2xx.group(1)) if non_2xx else 0)
+    connect, read, write, timeout = (int(n) for n in errors.groups()) if errors else (0, 0, 0, 0)
+    return WrkReport(
+        int(requests.group(1)),
+        connect,
+        read,
+        write,
+        timeout,
+        int(non_2xx.group(1)) if non_2xx else 0,
+    )
 
 
 WRK_SAMPLES = [
@@ -211,25 +224,38 @@ def run_wrk(port: int, seconds: int) -> tuple[WrkReport, str]:
 # -- the test -------------------------------------------------------------------
 
 
-def supervise(procs: Procs, tmp_path: Path, recipe: Recipe, port: int) -> Supervised:
+SUPERVISOR_ARGS = ("--ready-grace", "0.05", "--ready-timeout", "20", "--drain-timeout", "20")
+
+
+def supervise(procs: Procs, tmp_path: Path, recipe: Recipe) -> tuple[Supervised, int]:
+    """The recipe under `nodrop run` on port 0; the supervisor and the port."""
     env = dict(recipe.env)
     if recipe.app_dir is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(recipe.app_dir), *sys.path])
-    return start(
+    if recipe.port_in_config:
+        with socket.create_server(("127.0.0.1", 0), backlog=4096) as sock:
+            port = sock.getsockname()[1]
+            sup = start(
+                procs,
+                tmp_path,
+                *SUPERVISOR_ARGS,
+                *recipe.run_args,
+                command=recipe.command(tmp_path, port),
+                env=env,
+                activate=(sock, "web"),
+            )
+        return sup, port
+    sup = start(
         procs,
         tmp_path,
         "--listen",
-        f"tcp://127.0.0.1:{port}",
-        "--ready-grace",
-        "0.05",
-        "--ready-timeout",
-        "20",
-        "--drain-timeout",
-        "20",
+        "tcp://127.0.0.1:0",
+        *SUPERVISOR_ARGS,
         *recipe.run_args,
-        command=recipe.command(tmp_path, port),
+        command=recipe.command(tmp_path, 0),
         env=env,
     )
+    return sup, sup.port()
 
 
 def hammer(sup: Supervised, port: int) -> tuple[LoadResult, WrkReport, str]:
@@ -237,6 +263,7 @@ def hammer(sup: Supervised, port: int) -> tuple[LoadResult, WrkReport, str]:
     reloader = ControlReloader(sup.control, timeout=60)
     warm = reloader.reload()
     assert warm.ok, f"{warm.message}\n{sup.log()}"
+    assert warm.finished is not None
     # Long enough for ten reloads back to back, with a margin for a busy machine.
     seconds = math.ceil(1.5 + RELOADS * (warm.finished - warm.started) * 1.4)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -287,8 +314,7 @@ def test_ten_reloads_under_wrk_and_load_generator_drop_nothing(
     missing = recipe.missing() or (None if shutil.which("wrk") else "wrk is not installed")
     if missing:
         pytest.skip(missing)
-    port = free_port()
-    sup = supervise(procs, tmp_path, recipe, port)
+    sup, port = supervise(procs, tmp_path, recipe)
     try:
         assert recipe.expect in http_get(port)
         result, wrk, wrk_text = hammer(sup, port)

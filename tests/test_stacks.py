@@ -51,7 +51,6 @@ from stack_matrix.launch import (  # noqa: E402
 from stack_matrix.mix import STREAM_EVENTS, Endpoint, Mix, judge  # noqa: E402
 from stack_matrix.outcomes import Failure  # noqa: E402
 from stack_matrix.wrk import WrkClient  # noqa: E402
-
 from supervisor_harness import Supervised  # noqa: E402
 
 RELOADS = 5
@@ -325,14 +324,14 @@ def test_judge(endpoint: Endpoint, status: int, body: bytes, expected: Failure |
 
 def test_wrk_summary_becomes_a_report() -> None:
     client = WrkClient(1, close=True)
-    client._fill(
+    client._fill(  # noqa: SLF001 - the parser of wrk's summary, fed a fixed text
         "  100 requests in 1.00s, 1MB read\n"
         "  Socket errors: connect 0, read 3, write 1, timeout 0\n"
         "  Non-2xx or 3xx responses: 2\n"
     )
     assert client.report.ok == 98
     assert dict(client.report.failures) == {"read": 3, "write": 1, "non-2xx": 2}
-    client._dir.cleanup()
+    client._dir.cleanup()  # noqa: SLF001 - the fixed text above needs no run
 
 
 def test_cells_select_by_id_or_prefix() -> None:

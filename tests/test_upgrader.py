@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from conftest import CHILDREN, Procs, wait_for
+from conftest import CHILDREN, Procs
 from nodrop.errors import UpgradeError
+from nodrop.testing.waiting import wait_for
 from nodrop.upgrader import State, Upgrader
 
 sys.path.insert(0, str(CHILDREN))
@@ -69,7 +70,8 @@ def test_twenty_upgrades_under_load_drop_nothing(procs: Procs) -> None:
             result = gens.next("upgrade")
             assert result["ok"], result
             ready = gens.next("ready")
-            assert ready["pid"] == result["new_pid"] and ready["generation"] == i + 2
+            assert ready["pid"] == result["new_pid"]
+            assert ready["generation"] == i + 2
             assert ready["port"] == first["port"]
             current = ready
         before = load.ok_count()
@@ -123,7 +125,8 @@ def test_refusals_and_single_flight(procs: Procs) -> None:
             up.upgrade(argv)
         first.join(15)
         (result,) = results
-        assert not result.ok and "not ready within 1s" in result.reason
+        assert not result.ok
+        assert "not ready within 1s" in result.reason
         assert result.exit_status == -signal.SIGKILL
         assert up.state is State.READY
     finally:
@@ -135,6 +138,7 @@ def test_inherits_listen_fds_and_binds_missing(tmp_path: Path) -> None:
     try:
         (sock,) = up.listeners().values()
         assert sock.getsockname() == str(tmp_path / "s.sock")
-        assert up.generation == 1 and not up.has_predecessor
+        assert up.generation == 1
+        assert not up.has_predecessor
     finally:
         up.close()

@@ -13,19 +13,32 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from nodrop.load.http import ResponseParser, build_request
+from nodrop.testing.waiting import wait_for
 
 #: Poll interval while waiting for processes to appear or exit (seconds).
 POLL = 0.005
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel considers free right now (there is a small race on a shared host)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def reserved_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port of our own for a server that binds it itself, held while the row runs.
+
+    A socket bound to port 0 and never listening keeps the port: the kernel
+    gives it to no one else's ``bind(0)``, and a connection to it is refused
+    while nothing listens. It has ``SO_REUSEADDR`` and ``SO_REUSEPORT`` set,
+    so the server may bind the same port (nginx, gunicorn and HAProxy set
+    ``SO_REUSEADDR``, the demo app ``SO_REUSEPORT``); since it never listens,
+    it never receives a connection. (Binding, closing and reusing a port
+    instead races with every other process on the host.)
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])
 
 
 def spawn(
@@ -76,13 +89,11 @@ def children_of(pid: int) -> set[int]:
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> float | None:
     """Poll ``predicate`` until true; the monotonic time it became true, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return time.monotonic()
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(POLL)
+    try:
+        wait_for(predicate, timeout, interval=POLL)
+    except TimeoutError:
+        return None
+    return time.monotonic()
 
 
 def http_ok(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -106,14 +117,15 @@ def wait_http(
     host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
 ) -> bool:
     """Wait until the server answers 200 (False on timeout or if ``proc`` exits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        if http_ok(host, port):
-            return True
-        time.sleep(0.05)
-    return False
+
+    def exited() -> bool:
+        return proc is not None and proc.poll() is not None
+
+    try:
+        wait_for(lambda: exited() or http_ok(host, port), timeout, interval=0.05)
+    except TimeoutError:
+        return False
+    return not exited()
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:

@@ -232,7 +232,11 @@ def start_naive(workdir: str, kind: str, app: list[str]) -> Iterator[Target]:
     """``stop-start``: SIGTERM the old processes, wait for them, start new ones.
     ``reuseport``: start new processes on the same port (SO_REUSEPORT, no
     migration), then SIGTERM the old ones."""
-    apps = _DemoApps(workdir, procs.free_port(HOST), app)
+    with procs.reserved_port(HOST) as port:
+        yield from _run_naive(workdir, kind, _DemoApps(workdir, port, app))
+
+
+def _run_naive(workdir: str, kind: str, apps: _DemoApps) -> Iterator[Target]:
     try:
         apps.current = apps.start_generation()
 
@@ -303,23 +307,23 @@ def start_nginx(workdir: str, app: list[str]) -> Iterator[Target]:
     nginx = which("nginx")
     if nginx is None:
         raise StartError("nginx is not installed")
-    port = procs.free_port(HOST)
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
-    conf = _render("nginx.conf.template", workdir, port)
-    with _master([nginx, "-p", workdir, "-c", conf], workdir, "nginx", port) as proc:
+    with procs.reserved_port(HOST) as port:
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+        conf = _render("nginx.conf.template", workdir, port)
+        with _master([nginx, "-p", workdir, "-c", conf], workdir, "nginx", port) as proc:
 
-        def action(started: float) -> ReloadRecord:
-            old = procs.children_of(proc.pid)
-            subprocess.run(
-                [nginx, "-p", workdir, "-c", conf, "-s", "reload"],
-                capture_output=True,
-                timeout=30,
-                check=True,
-            )
-            return _watch_handover(started, proc.pid, old, "nginx -s reload")
+            def action(started: float) -> ReloadRecord:
+                old = procs.children_of(proc.pid)
+                subprocess.run(
+                    [nginx, "-p", workdir, "-c", conf, "-s", "reload"],
+                    capture_output=True,
+                    timeout=30,
+                    check=True,
+                )
+                return _watch_handover(started, proc.pid, old, "nginx -s reload")
 
-        yield Target(port, _guarded(action), [version([nginx, "-v"])])
+            yield Target(port, _guarded(action), [version([nginx, "-v"])])
 
 
 @contextlib.contextmanager
@@ -329,16 +333,16 @@ def start_haproxy(workdir: str, app: list[str]) -> Iterator[Target]:
     haproxy = which("haproxy")
     if haproxy is None:
         raise StartError("haproxy is not installed")
-    port = procs.free_port(HOST)
-    conf = _render("haproxy.cfg.template", workdir, port)
-    with _master([haproxy, "-W", "-f", conf], workdir, "haproxy", port) as proc:
+    with procs.reserved_port(HOST) as port:
+        conf = _render("haproxy.cfg.template", workdir, port)
+        with _master([haproxy, "-W", "-f", conf], workdir, "haproxy", port) as proc:
 
-        def action(started: float) -> ReloadRecord:
-            old = procs.children_of(proc.pid)
-            os.kill(proc.pid, signal.SIGUSR2)
-            return _watch_handover(started, proc.pid, old, "SIGUSR2 to the master")
+            def action(started: float) -> ReloadRecord:
+                old = procs.children_of(proc.pid)
+                os.kill(proc.pid, signal.SIGUSR2)
+                return _watch_handover(started, proc.pid, old, "SIGUSR2 to the master")
 
-        yield Target(port, _guarded(action), [version([haproxy, "-v"])])
+            yield Target(port, _guarded(action), [version([haproxy, "-v"])])
 
 
 @contextlib.contextmanager
@@ -348,24 +352,24 @@ def start_gunicorn(workdir: str, app: list[str]) -> Iterator[Target]:
     gunicorn = which("gunicorn")
     if gunicorn is None:
         raise StartError("gunicorn is not installed (pip install gunicorn)")
-    port = procs.free_port(HOST)
-    argv = [
-        gunicorn, "--chdir", str(HERE), "--bind", f"{HOST}:{port}",
-        "--workers", str(WORKERS), "--worker-class", "gthread", "--threads", "8",
-        "--keep-alive", "60", "--graceful-timeout", "10",
-        "--pid", os.path.join(workdir, "gunicorn.pid"),
-        "--worker-tmp-dir", workdir, "--log-level", "warning",
-        "wsgi_app:app",
-    ]  # fmt: skip
-    with _master(argv, workdir, "gunicorn", port) as proc:
+    with procs.reserved_port(HOST) as port:
+        argv = [
+            gunicorn, "--chdir", str(HERE), "--bind", f"{HOST}:{port}",
+            "--workers", str(WORKERS), "--worker-class", "gthread", "--threads", "8",
+            "--keep-alive", "60", "--graceful-timeout", "10",
+            "--pid", os.path.join(workdir, "gunicorn.pid"),
+            "--worker-tmp-dir", workdir, "--log-level", "warning",
+            "wsgi_app:app",
+        ]  # fmt: skip
+        with _master(argv, workdir, "gunicorn", port) as proc:
 
-        def action(started: float) -> ReloadRecord:
-            old = procs.children_of(proc.pid)
-            os.kill(proc.pid, signal.SIGHUP)
-            return _watch_handover(started, proc.pid, old, "SIGHUP to the master")
+            def action(started: float) -> ReloadRecord:
+                old = procs.children_of(proc.pid)
+                os.kill(proc.pid, signal.SIGHUP)
+                return _watch_handover(started, proc.pid, old, "SIGHUP to the master")
 
-        notes = [version([gunicorn, "--version"]) + ", gthread workers, keep-alive 60 s"]
-        yield Target(port, _guarded(action), notes)
+            notes = [version([gunicorn, "--version"]) + ", gthread workers, keep-alive 60 s"]
+            yield Target(port, _guarded(action), notes)
 
 
 #: The demo app's argv (``--port`` is appended for the naive rows).

@@ -30,6 +30,11 @@ def _cell(result: dict[str, Any], name: str) -> dict[str, Any] | None:
     return cell if cell and "error" not in cell and "not_run" not in cell else None
 
 
+def _get(cell: dict[str, Any] | None, key: str) -> Any:
+    """``cell[key]``, or None for a cell that did not run."""
+    return None if cell is None else cell[key]
+
+
 def _reload_window(cell: dict[str, Any] | None) -> str:
     if cell is None or not cell["reloads"]["count"]:
         return "-"
@@ -54,7 +59,7 @@ def _failed(cell: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def _row_name(result: dict[str, Any]) -> str:
-    return result["label"] + (" *(not run)*" if "not_run" in result else "")
+    return str(result["label"]) + (" *(not run)*" if "not_run" in result else "")
 
 
 def close_table(results: list[dict[str, Any]]) -> list[str]:
@@ -68,9 +73,9 @@ def close_table(results: list[dict[str, Any]]) -> list[str]:
         failed, fpm = _failed(lg)
         wfailed, wfpm = _failed(wrk)
         lines.append(
-            f"| {_row_name(r)} | {_num(lg and lg['requests'])} | {failed} | {fpm} "
-            f"| {_ms(lg and lg['p99_steady_s'])} | {_ms(lg and lg['p99_reload_s'])} | {_ratio(lg)} "
-            f"| {_num(lg and lg['rate'], '{:,.0f}/s')} | {_num(wrk and wrk['requests'])} | {wfailed} "
+            f"| {_row_name(r)} | {_num(_get(lg, 'requests'))} | {failed} | {fpm} "
+            f"| {_ms(_get(lg, 'p99_steady_s'))} | {_ms(_get(lg, 'p99_reload_s'))} | {_ratio(lg)} "
+            f"| {_num(_get(lg, 'rate'), '{:,.0f}/s')} | {_num(_get(wrk, 'requests'))} | {wfailed} "
             f"| {wfpm} | {_reload_window(lg)} |"
         )
     return lines
@@ -89,9 +94,9 @@ def keepalive_table(results: list[dict[str, Any]]) -> list[str]:
         wfailed, wfpm = _failed(wrk)
         reconnects = "-" if lg is None else f"{lg['reconnects']:,} ({lg['reconnects_in_reload']:,})"
         lines.append(
-            f"| {_row_name(r)} | {_num(lg and lg['requests'])} | {failed} | {fpm} | {reconnects} "
-            f"| {_ms(lg and lg['p99_steady_s'])} | {_ms(lg and lg['p99_reload_s'])} | {_ratio(lg)} "
-            f"| {_num(lg and lg['rate'], '{:,.0f}/s')} | {_num(wrk and wrk['requests'])} | {wfailed} | {wfpm} |"
+            f"| {_row_name(r)} | {_num(_get(lg, 'requests'))} | {failed} | {fpm} | {reconnects} "
+            f"| {_ms(_get(lg, 'p99_steady_s'))} | {_ms(_get(lg, 'p99_reload_s'))} | {_ratio(lg)} "
+            f"| {_num(_get(lg, 'rate'), '{:,.0f}/s')} | {_num(_get(wrk, 'requests'))} | {wfailed} | {wfpm} |"
         )
     return lines
 

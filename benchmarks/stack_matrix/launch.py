@@ -305,7 +305,8 @@ class OwnStack(Stack):
         return live
 
     def reload(self) -> ReloadResult:
-        assert self.proc is not None and self.cell.reload_signal is not None
+        assert self.proc is not None
+        assert self.cell.reload_signal is not None
         started = time.monotonic()
         old = self._live()
         self.proc.send_signal(self.cell.reload_signal)

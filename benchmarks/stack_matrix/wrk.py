@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from baselines.cells import parse_wrk
-
 from stack_matrix.httpclients import HOST
 from stack_matrix.mix import REQUEST_TIMEOUT
 from stack_matrix.outcomes import ClientReport

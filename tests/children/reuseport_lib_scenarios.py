@@ -81,7 +81,8 @@ def takeover() -> dict[str, Any]:
     # process "B": joins through the pinned objects (fresh fds from
     # BPF_OBJ_GET), takes over
     [b] = listen(f"tcp://127.0.0.1:{port}", steering=base)
-    assert b.steering is not None and a.steering is not None
+    assert b.steering is not None
+    assert a.steering is not None
     out["b_fds_differ"] = set(b.steering.fds).isdisjoint(a.steering.fds)
     out["b_active"], out["a_still_active"] = b.is_active(), a.is_active()
     fresh = connect_all(port, 12)  # new connections: all to B although A is open

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,10 @@ from nodrop.load.control_reloader import ControlReloader
 from nodrop.supervisor.control import request
 from nodrop.systemd.receiver import NotifyReceiver
 from nodrop.testing.netns import in_private_netns
+from nodrop.testing.waiting import wait_for
 
 HERE = Path(__file__).parent
-SERVER = [sys.executable, str(HERE / "reuseport_server.py")]
+SERVER = [sys.executable, "-S", str(HERE / "reuseport_server.py")]  # stdlib only: no site module
 DEADLINE = 20.0
 
 
@@ -157,19 +158,6 @@ def field(body: str, key: str) -> str:
     return dict(part.split("=", 1) for part in body.split())[key]
 
 
-def poll(cond: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll supervisor/kernel state with a deadline (it has no event for it)."""
-    deadline = time.monotonic() + timeout
-    for _ in range(100_000):
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.01)  # polling interval, not a wait for an event
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 def write_config(path: Path, tag: str, listen: list[str], extra: list[str] | None = None) -> None:
     lines = [
         f"command = {json.dumps([*SERVER, '--tag', tag, *(extra or [])])}",
@@ -230,7 +218,7 @@ def lifecycle(tmp_dir: str) -> dict[str, Any]:
             w = g["workers"][0]
             return int(w["pid"]) if w["pid"] != old_pid and w["state"] == "ready" else None
 
-        new_pid = poll(restarted, "the crashed worker's restart")
+        new_pid = wait_for(restarted, DEADLINE, "the crashed worker's restart")
         out["restart_served_by_new_pid"] = field(http_get(web), "pid") == str(new_pid)
         out["restart_udp_served"] = field(udp_ask(dns), "pid") == str(new_pid)
 
@@ -239,7 +227,11 @@ def lifecycle(tmp_dir: str) -> dict[str, Any]:
         write_config(cfg, "v3", listen, ["--exit-at-start", "3"])
         out["reload3"] = sup.reload()
         with contextlib.suppress(TimeoutError):
-            poll(lambda: sup.socket_inodes() == before, "the failed generation's sockets to close")
+            wait_for(
+                lambda: sup.socket_inodes() == before,
+                DEADLINE,
+                "the failed generation's sockets to close",
+            )
         out["rollback_fds_same"] = sup.socket_inodes() == before
         out["after_rollback_gen"] = field(http_get(web), "gen")
         out["after_rollback_steered"] = [i["steered"] for i in sup.status()["listeners"]]
@@ -357,7 +349,7 @@ def move_listener(tmp_dir: str) -> dict[str, Any]:
                 return True
             return False
 
-        out["old_api_refused"] = poll(old_api_closed, "the old api port to close")
+        out["old_api_refused"] = wait_for(old_api_closed, DEADLINE, "the old api port to close")
     return out
 
 

@@ -104,6 +104,7 @@ while True:
             stop = not args.ignore_term
             continue
         try:
+            assert isinstance(key.fileobj, socket.socket)
             conn, _ = key.fileobj.accept()
         except BlockingIOError:
             continue

@@ -225,7 +225,7 @@ class Worker:
             if self.draining_to_give:
                 await self._give_idle()
             for conn in list(self.tracked):
-                if conn.paused and (conn.unknown or conn.handler._upgraded):
+                if conn.paused and (conn.unknown or conn.upgraded):
                     conn.resume()
             await asyncio.sleep(POLL)
         if self._closing:

@@ -122,6 +122,11 @@ class Tracked(asyncio.Protocol):
 
     # -- asyncio.Protocol, forwarded -------------------------------------------
 
+    @property
+    def upgraded(self) -> bool:
+        """The connection was upgraded (a WebSocket): no longer HTTP."""
+        return bool(self.handler._upgraded)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
         self.transport = cast(asyncio.Transport, transport)

@@ -53,7 +53,7 @@ class Detached:
 
 def buffered(reader: asyncio.StreamReader) -> int:
     """Bytes read from the socket but not consumed yet (asyncio keeps them private)."""
-    return len(reader._buffer)  # type: ignore[attr-defined]
+    return len(reader._buffer)  # type: ignore[attr-defined]  # noqa: SLF001 - no public API
 
 
 def detach(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> socket.socket | None:
@@ -155,11 +155,12 @@ async def read_or_detach(
             sock = detach(reader, writer)
             return Detached(sock) if sock is not None else None
         break
-    if not buffered(reader) and not reader._eof:  # type: ignore[attr-defined]
+    if not buffered(reader) and not reader.at_eof():  # (at_eof: EOF seen and nothing buffered)
         lingering = stop.is_set()  # draining and not detachable
         if not transport.is_reading():
             transport.resume_reading()
-        waiter = asyncio.ensure_future(reader._wait_for_data("read_or_detach"))  # type: ignore[attr-defined]
+        # Wait for data without consuming it (no public API does): a detach may follow.
+        waiter = asyncio.ensure_future(reader._wait_for_data("read_or_detach"))  # type: ignore[attr-defined]  # noqa: SLF001
         waits: set[asyncio.Future[Any]] = {waiter}
         if not lingering:
             waits.add(asyncio.ensure_future(stop.wait()))

@@ -22,6 +22,7 @@ from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import Processes
 from nodrop.supervisor.restarts import RestartPolicy
 from nodrop.supervisor.workdir import resolve_workdir
+from nodrop.systemd.receiver import Notification
 
 KEEP_EXITED_GENERATIONS = 5
 
@@ -125,6 +126,21 @@ class GenerationSet:
 
     def _delay_passed(self, gen: Generation, worker: Worker) -> None:
         if worker.state is WorkerState.STARTING:
+            gen.mark_ready(worker, self.clock())
+
+    def notified(self, note: Notification) -> None:
+        """A worker's message (``READY=1``, ``STATUS=``, ``STOPPING=1``); the kernel-stamped
+        ``note.pid`` says which worker. Tests of fake workers call it directly."""
+        note.close_fds()  # nodrop run keeps no fd store
+        entry = self.worker_of(note.pid)
+        if entry is None:
+            return
+        worker, gen = entry
+        if "STATUS" in note.fields:
+            worker.status_text = note.fields["STATUS"]
+        if note.fields.get("STOPPING") == "1" and worker.stopping_at is None:
+            worker.stopping_at = self.clock()  # it stopped accepting (see .switchover)
+        if note.fields.get("READY") == "1" and worker.state is WorkerState.STARTING:
             gen.mark_ready(worker, self.clock())
 
     def activate(self, gen: Generation) -> list[Generation]:

@@ -49,7 +49,7 @@ from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers, lost_is_known
 from nodrop.supervisor.metrics import Metrics
 from nodrop.supervisor.metrics_http import MetricsServer
-from nodrop.supervisor.model import Generation, ReloadOutcome, Worker, WorkerState
+from nodrop.supervisor.model import Generation, ReloadOutcome, Worker
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
@@ -350,17 +350,7 @@ class Supervisor:
                 continue
             if note is None:
                 return
-            note.close_fds()  # nodrop run keeps no fd store
-            entry = self.worker_of(note.pid)
-            if entry is None:
-                continue
-            worker, gen = entry
-            if "STATUS" in note.fields:
-                worker.status_text = note.fields["STATUS"]
-            if note.fields.get("STOPPING") == "1" and worker.stopping_at is None:
-                worker.stopping_at = self.clock()  # it stopped accepting (see .switchover)
-            if note.fields.get("READY") == "1" and worker.state is WorkerState.STARTING:
-                gen.mark_ready(worker, self.clock())
+            self.gens.notified(note)
 
     def _on_sighup(self) -> None:
         self.log("SIGHUP: reloading")
@@ -400,8 +390,8 @@ class Supervisor:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         # Reap what we killed so nothing is left a zombie behind us.
-        deadline = time.monotonic() + 5
-        while self.gens.running and time.monotonic() < deadline:
+        deadline = self.clock() + 5
+        while self.gens.running and self.clock() < deadline:
             self.gens.reap()
             if self.gens.running:
                 await asyncio.sleep(0.01)

@@ -22,11 +22,18 @@ args = parser.parse_args()
 out = Path(args.dir)
 gen = os.environ.get("NODROP_GENERATION", "?")
 
+
+def report(name: str, text: str) -> None:
+    """Write ``name`` whole or not at all: the test reads it once it exists."""
+    (out / f".{name}").write_text(text)
+    os.replace(out / f".{name}", out / name)
+
+
 middle = os.fork()
 if middle == 0:
     if os.fork() == 0:
         time.sleep(args.orphan_life)
-        (out / f"orphan-{gen}").write_text(str(os.getppid()))
+        report(f"orphan-{gen}", str(os.getppid()))
         os._exit(0)
     os._exit(0)  # the orphan is now PID 1's
 os.waitpid(middle, 0)
@@ -59,5 +66,5 @@ while not stop:
         conn.sendall(
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
         )
-(out / f"drained-{gen}").write_text("SIGTERM")
+report(f"drained-{gen}", "SIGTERM")
 sys.exit(0)
