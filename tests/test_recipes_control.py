@@ -85,7 +85,11 @@ def test_two_apps_need_no_control_flag(procs: Procs, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NODROP_CONTROL"}
     env.update(XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=os.pathsep.join(sys.path))
     web = start(procs, tmp_path, env, "web", "--name", "web", "--listen", "tcp://127.0.0.1:0")
-    api = start(procs, tmp_path, env, "api", "--listen", "tcp://127.0.0.1:0")
+    try:
+        api = start(procs, tmp_path, env, "api", "--listen", "tcp://127.0.0.1:0")
+    except BaseException:
+        web.notify.close()
+        raise
     try:
         sockets = sorted(p.name for p in (runtime / "nodrop").iterdir())
         assert sockets[1] == "web.sock", sockets
