@@ -3,19 +3,62 @@ status``), and each reload and ledger as it happens (metrics, event log)."""
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from nodrop._version import __version__
 from nodrop.supervisor import api
-from nodrop.supervisor.ledger import ReloadLedger
-from nodrop.supervisor.model import ReloadOutcome
+from nodrop.supervisor.config import RunConfig
+from nodrop.supervisor.eventlog import EventLog
+from nodrop.supervisor.generations import GenerationSet
+from nodrop.supervisor.inherit_listeners import ListenerProvider
+from nodrop.supervisor.ledger import Ledgers, ReloadLedger
+from nodrop.supervisor.metrics import Metrics
+from nodrop.supervisor.metrics_http import MetricsServer
+from nodrop.supervisor.model import Generation, ReloadOutcome
+from nodrop.supervisor.restarts import RestartPolicy
 
-if TYPE_CHECKING:
-    from nodrop.supervisor.supervisor import Supervisor
+
+class _Counting(Protocol):
+    def stats(self) -> dict[str, Any]: ...
 
 
-def build_status(sup: Supervisor) -> api.StatusReply:
+class Observed(Protocol):
+    """What the report reads from a supervisor (the supervisor is one; this
+    module does not import it, so the two form no cycle)."""
+
+    clock: Callable[[], float]
+    name: str
+    started: float
+    reexecs: int
+    config: RunConfig
+    control_path: str
+    listeners: ListenerProvider
+    restarts: RestartPolicy
+    gens: GenerationSet
+    history: collections.deque[ReloadOutcome]
+    ledgers: Ledgers
+    warnings_log: collections.deque[str]
+    metrics: Metrics
+    metrics_server: MetricsServer | None
+    events: EventLog
+
+    @property
+    def broker(self) -> _Counting | None: ...
+    @property
+    def active(self) -> Generation | None: ...
+    @property
+    def generations(self) -> list[Generation]: ...
+    @property
+    def reload_in_progress(self) -> bool: ...
+    @property
+    def stopping(self) -> bool: ...
+    def status_line(self) -> str: ...
+
+
+def build_status(sup: Observed) -> api.StatusReply:
     """Everything ``nodrop status`` shows (the reply of the ``status`` request)."""
     now = sup.clock()
     reloads = []
@@ -48,7 +91,7 @@ def build_status(sup: Supervisor) -> api.StatusReply:
     }
 
 
-def record_reload(sup: Supervisor, outcome: ReloadOutcome) -> None:
+def record_reload(sup: Observed, outcome: ReloadOutcome) -> None:
     """A reload's outcome: into the history, the metrics and the event log."""
     sup.history.append(outcome)
     sup.metrics.reload(outcome)
@@ -60,7 +103,7 @@ def record_reload(sup: Supervisor, outcome: ReloadOutcome) -> None:
     )
 
 
-def record_ledger(sup: Supervisor, ledger: ReloadLedger) -> None:
+def record_ledger(sup: Observed, ledger: ReloadLedger) -> None:
     """An old generation has exited: its ledger into the metrics and the log."""
     sup.metrics.ledger(ledger)
     sup.events.event("ledger", f"reload ledger: {ledger.summary()}", fields=ledger.to_dict())
