@@ -1,7 +1,7 @@
 """The stack matrix: real apps on the servers people deploy, reloaded under
 load, every failed request counted.
 
-For each cell (an app on a server, see ``benchmarks/stacks/cells.py``) this
+For each cell (an app on a server, see ``benchmarks/stack_matrix/cells.py``) this
 starts the stack -- under ``nodrop run`` with 2 workers, or, for the ``+own``
 rows, under the server's own master -- waits until it serves, starts the
 clients, reloads it N times (each reload waits for the new generation to be

@@ -1,7 +1,7 @@
 """The stack matrix in CI: real apps on the servers people deploy, under
 ``nodrop run``, with the strictest clients.
 
-For every cell of ``benchmarks/stacks/cells.py`` (FastAPI on uvicorn with
+For every cell of ``benchmarks/stack_matrix/cells.py`` (FastAPI on uvicorn with
 asyncio+h11 and with uvloop+httptools, on gunicorn's three ASGI worker
 classes and on hypercorn; plain ASGI; aiohttp; Django and Flask on gunicorn
 sync and gthread):
