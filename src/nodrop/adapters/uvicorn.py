@@ -19,8 +19,6 @@ reset); this adapter fails none.
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import uvicorn
 from uvicorn.main import main as uvicorn_command
 
-from nodrop.adapters.drain import DEFAULT_SETTLE, stop_accepting
+from nodrop.adapters.uvicorn_internals import NodropServer
 from nodrop.errors import ActivationError
 from nodrop.systemd.activation import listen_fds
 from nodrop.systemd.notify import ready
@@ -37,24 +35,6 @@ OWNED_BY_NODROP = ("host", "port", "uds", "fd", "workers", "reload")
 
 # uvicorn.main.main's parameters that are not Config's (or differ in form).
 _CLI_ONLY = ("app_dir",)
-
-
-class NodropServer(uvicorn.Server):
-    """``uvicorn.Server`` that notifies readiness and stops accepting first."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if not self.should_exit:
-            ready(status="uvicorn serving")
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn's shutdown closes every server at once and then every
-        # connection with no request in progress; stop accepting first and
-        # let what was accepted read its request.
-        for server in getattr(self, "servers", []):
-            await stop_accepting(server)
-        await asyncio.sleep(DEFAULT_SETTLE)
-        await super().shutdown(sockets)
 
 
 def config_from_argv(argv: Sequence[str]) -> uvicorn.Config:
@@ -98,8 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "nodrop.adapters.uvicorn: no LISTEN_FDS for this process; run it under "
             "`nodrop run --listen ...` or a systemd .socket unit"
         )
-    server = NodropServer(config)
+    server = NodropServer(config, on_started=lambda: ready(status="uvicorn serving"))
     server.run(sockets=[s.socket for s in inherited])
+    if server.started:
+        # Before exit, not at exit: the supervisor may stop reading a worker's
+        # output as soon as it has exited.
+        print(f"nodrop.adapters.uvicorn: {server.summary()}", file=sys.stderr, flush=True)
     return 0 if server.started else 3
 
 

@@ -1,0 +1,326 @@
+"""Everything nodrop needs from uvicorn's internals, in one place.
+
+uvicorn has no public API for serving sockets one accepts oneself or for a
+drain that fails nothing. Its ``Server.shutdown`` closes every listening
+server at once (on Python 3.11 that resets connections accepted a moment
+before; on uvloop nodrop cannot even stop watching the socket), then closes
+every keep-alive connection that is idle at that instant (a client sending
+its next request then meets a FIN or a reset; ``http.client`` never
+retries), and ends a connection whose response is in flight after it, with
+no ``Connection: close`` (h11) -- the client's next request on it fails.
+
+:class:`NodropServer` keeps uvicorn's own lifespan, configuration and
+protocol classes and changes only that:
+
+* it accepts with :class:`nodrop.adapters.accept.Acceptor` and
+  ``loop.connect_accepted_socket(factory, sock)`` with uvicorn's protocol
+  (asyncio and uvloop alike), so stopping takes nothing more from the
+  kernel's queue: queued connections stay there for the new generation;
+* once draining, the next response on every HTTP/1.x connection carries
+  ``Connection: close`` and the connection closes after it
+  (:class:`nodrop.adapters.asgi.AsgiDrain`), WebSocket sessions are closed
+  with 1012;
+* an idle keep-alive connection is not closed at drain, only where steady
+  state would close it: when its keep-alive timeout passes (one that never
+  sent a request gets the same timer); a response already under way when
+  the drain began leaves its connection idle, not closed;
+* once no connection is left, or :data:`DEFAULT_DRAIN_EXTRA` seconds past
+  the keep-alive timeout, uvicorn's own shutdown runs (tasks, lifespan).
+
+It relies on these internals, checked by :func:`check_internals` (and by
+``tests/test_adapter_uvicorn_internals.py``, which fails loudly when an
+upgrade of uvicorn changes them):
+
+* ``uvicorn.Server``: ``startup(sockets)``, ``shutdown(sockets)``,
+  ``lifespan`` (``startup()``, ``should_exit``, ``state``), ``servers``,
+  ``server_state`` (``connections``, ``tasks``), ``started``,
+  ``should_exit``, ``force_exit``; ``uvicorn.config.STARTUP_FAILURE``;
+* ``Config.http_protocol_class``, ``loaded_app``, ``ssl``,
+  ``timeout_keep_alive``, ``callback_notify``;
+* ``H11Protocol`` and ``HttpToolsProtocol``: ``__init__(config,
+  server_state, app_state, _loop)``, ``cycle`` (``response_complete``),
+  ``transport``, ``timeout_keep_alive_task``, ``timeout_keep_alive_handler``,
+  ``shutdown``; ``H11Protocol.conn`` (an ``h11.Connection``);
+  ``HttpToolsProtocol.pipeline``.
+
+Tested with :data:`TESTED_VERSIONS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import inspect
+import socket
+import sys
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import h11
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE, Config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from nodrop.adapters.accept import Acceptor
+from nodrop.adapters.asgi import AsgiDrain, DrainingApp
+
+try:  # uvicorn[standard]; plain `pip install uvicorn` has no httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - the test extra installs it
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+TESTED_VERSIONS = {"uvicorn": "0.54.0", "h11": "0.16.0"}
+"""The versions this module was written against and tested with."""
+
+DEFAULT_DRAIN_EXTRA = 5.0
+"""Seconds the drain waits past the keep-alive timeout for connections to
+end (responses still streaming), before uvicorn's own shutdown closes the rest."""
+
+_POLL = 0.05
+
+Scope = MutableMapping[str, Any]
+
+
+def check_internals() -> list[str]:
+    """What this module relies on that the installed uvicorn lacks (empty: all there)."""
+    problems = []
+    for name, tested in TESTED_VERSIONS.items():
+        installed = importlib.metadata.version(name)
+        if installed != tested:
+            problems.append(
+                f"{name} {installed} is installed; this module was tested with {tested}"
+            )
+    for method in ("startup", "shutdown"):
+        params = list(inspect.signature(getattr(uvicorn.Server, method)).parameters)
+        if params != ["self", "sockets"]:
+            problems.append(f"uvicorn.Server.{method} takes {params}")
+    protocols = [H11Protocol] + ([HttpToolsProtocol] if HttpToolsProtocol is not None else [])
+    for cls in protocols:
+        params = list(inspect.signature(cls.__init__).parameters)
+        if params != ["self", "config", "server_state", "app_state", "_loop"]:
+            problems.append(f"{cls.__name__}.__init__ takes {params}")
+        problems += [
+            f"{cls.__name__}.{name} is missing"
+            for name in ("timeout_keep_alive_handler", "shutdown", "on_response_complete")
+            if not hasattr(cls, name)
+        ]
+    server = uvicorn.Server(Config(app=_nothing))
+    state = server.server_state
+    problems += [
+        f"uvicorn ServerState has no {name}"
+        for name in ("connections", "tasks")
+        if not hasattr(state, name)
+    ]
+    problems += [
+        f"uvicorn.Server has no {name}"
+        for name in ("should_exit", "force_exit", "started")
+        if not hasattr(server, name)
+    ]
+    if not isinstance(STARTUP_FAILURE, int):
+        problems.append("uvicorn.config.STARTUP_FAILURE is not an int")
+    return problems
+
+
+async def _nothing(scope: Scope, receive: Any, send: Any) -> None:
+    """An ASGI app for :func:`check_internals` (never called)."""
+
+
+# -- the protocols ----------------------------------------------------------------------
+
+
+class _Draining:
+    """What nodrop adds to uvicorn's HTTP protocols (a mixin).
+
+    Args (keyword, before uvicorn's own): ``prefix``, bytes an old
+    generation read but did not parse, fed first.
+    """
+
+    transport: asyncio.Transport
+    cycle: Any
+    timeout_keep_alive: int
+    timeout_keep_alive_task: asyncio.TimerHandle | None
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self, *args: Any, prefix: bytes = b"", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._prefix = prefix
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if self._prefix:
+            prefix, self._prefix = self._prefix, b""
+            self.data_received(prefix)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # type: ignore[misc]
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()  # type: ignore[misc]
+
+    def between_requests(self) -> bool:
+        """No request in progress and no response to finish."""
+        return self.cycle is None or bool(self.cycle.response_complete)
+
+    def drain(self) -> None:
+        """Draining begins. Nothing is closed here: the next response says
+        ``Connection: close`` (the app wrapper does), and a connection idle
+        now closes when its keep-alive timeout passes -- a connection that
+        never sent a request gets that timer too (steady state would keep
+        it open, but the worker is going away)."""
+        if self.transport.is_closing():
+            return
+        if self.cycle is None and self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+
+class DrainingH11Protocol(_Draining, H11Protocol):
+    """uvicorn's h11 protocol, drained without failing a request."""
+
+    conn: h11.Connection
+
+    def between_requests(self) -> bool:
+        return super().between_requests() and self.conn.our_state in (h11.IDLE, h11.DONE)
+
+
+if HttpToolsProtocol is not None:
+
+    class DrainingHttpToolsProtocol(_Draining, HttpToolsProtocol):
+        """uvicorn's httptools protocol, drained without failing a request."""
+
+        def between_requests(self) -> bool:
+            return super().between_requests() and not self.pipeline
+
+
+def draining_protocol_class(cls: type[asyncio.Protocol]) -> type[_Draining] | None:
+    """nodrop's version of uvicorn's HTTP protocol class ``cls``, or None
+    for one nodrop does not know (zttp, HTTP/2: served as uvicorn would)."""
+    if HttpToolsProtocol is not None and issubclass(cls, HttpToolsProtocol):
+        return DrainingHttpToolsProtocol
+    if issubclass(cls, H11Protocol):
+        return DrainingH11Protocol
+    return None
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+class NodropServer(uvicorn.Server):
+    """``uvicorn.Server`` that accepts with nodrop and drains without failing a request.
+
+    Args:
+        config: uvicorn's own.
+        on_started: called once the lifespan start-up completed and the
+            server accepts (``READY=1``).
+        drain_extra: see :data:`DEFAULT_DRAIN_EXTRA`.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_started: Callable[[], object] | None = None,
+        drain_extra: float = DEFAULT_DRAIN_EXTRA,
+    ) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+        self.drain_extra = drain_extra
+        self.asgi_drain = AsgiDrain()
+        self.acceptor: Acceptor | None = None
+        self.servers = []
+        self.startup_failed = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        if not isinstance(config.loaded_app, DrainingApp):
+            config.loaded_app = DrainingApp(config.loaded_app, self.asgi_drain)
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            self.startup_failed = True
+            sys.exit(STARTUP_FAILURE)
+        if not sockets:
+            raise RuntimeError("NodropServer serves the sockets it is given; none were")
+        loop = asyncio.get_running_loop()
+        known = draining_protocol_class(config.http_protocol_class)
+        app_state = self.lifespan.state
+
+        async def connect(sock: socket.socket, prefix: bytes) -> None:
+            def factory() -> asyncio.Protocol:
+                if known is None:
+                    return config.http_protocol_class(  # type: ignore[call-arg]
+                        config=config,
+                        server_state=self.server_state,
+                        app_state=app_state,
+                        _loop=loop,
+                    )
+                return known(  # type: ignore[return-value]
+                    config=config,
+                    server_state=self.server_state,
+                    app_state=app_state,
+                    _loop=loop,
+                    prefix=prefix,
+                )
+
+            await loop.connect_accepted_socket(factory, sock, ssl=config.ssl)
+
+        self.servers = []
+        self.acceptor = Acceptor(sockets, connect)
+        self.acceptor.start()
+        self.started = True
+        if self.on_started is not None:
+            self.on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.acceptor is not None:
+            self.acceptor.stop()
+            await self.acceptor.settle()
+        await self.asgi_drain.start(close_http=True)
+        connections = self.server_state.connections
+        for conn in list(connections):
+            if isinstance(conn, _Draining):
+                conn.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout_keep_alive + self.drain_extra
+        notify = self.config.callback_notify
+        last_notified = loop.time()
+        while connections and not self.force_exit and loop.time() < deadline:
+            if notify is not None and loop.time() - last_notified >= 1.0:
+                # gunicorn's heartbeat: a long drain is not a hung worker.
+                last_notified = loop.time()
+                await notify()
+            await asyncio.sleep(_POLL)
+        # Past the deadline (or none left): uvicorn's own shutdown closes what
+        # is idle, waits for the tasks, runs the lifespan shutdown. The
+        # listening sockets are nodrop's: never closed here.
+        await super().shutdown(None)
+
+    def summary(self) -> str:
+        """What this worker did with connections, for its last log line."""
+        acceptor = self.acceptor
+        accepted = acceptor.accepted if acceptor else 0
+        adopted = acceptor.adopted if acceptor else 0
+        return f"connections: accepted {accepted}, adopted {adopted}"
+
+
+def run_gunicorn_worker(worker: Any, on_started: Callable[[], object]) -> None:
+    """``run`` for gunicorn's ``UvicornWorker`` (either package): uvicorn's
+    own ``_serve`` with :class:`NodropServer` in place of ``uvicorn.Server``.
+
+    Relies on the worker's ``config`` (a uvicorn ``Config``), ``wsgi`` (the
+    app), ``sockets`` (gunicorn's, ``.sock``) and ``_install_sigquit_handler``.
+    """
+    config: Config = worker.config
+    config.app = worker.wsgi
+    server = NodropServer(config, on_started=on_started)
+    sockets = [getattr(s, "sock", s) for s in worker.sockets]
+
+    async def serve() -> None:
+        worker._install_sigquit_handler()
+        await server.serve(sockets=sockets)
+
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(serve())
+    worker.log.info("nodrop: %s", server.summary())
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
