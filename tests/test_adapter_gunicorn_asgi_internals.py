@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("gunicorn.workers.gasgi")
 
-from nodrop.adapters.gunicorn_asgi_internals import (  # noqa: E402
+from nodrop.adapters.gunicorn_asgi_internals import (
     TESTED_VERSIONS,
     check_internals,
 )

@@ -27,6 +27,7 @@ import uvicorn
 from uvicorn.main import main as uvicorn_command
 
 from nodrop.adapters.uvicorn_internals import NodropServer
+from nodrop.connhandoff import AsyncHandoff
 from nodrop.errors import ActivationError
 from nodrop.systemd.activation import listen_fds
 from nodrop.systemd.notify import ready
@@ -78,12 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "nodrop.adapters.uvicorn: no LISTEN_FDS for this process; run it under "
             "`nodrop run --listen ...` or a systemd .socket unit"
         )
-    server = NodropServer(config, on_started=lambda: ready(status="uvicorn serving"))
+    server = NodropServer(
+        config,
+        on_started=lambda: ready(status="uvicorn serving"),
+        handoff=AsyncHandoff.from_environ(),
+    )
     server.run(sockets=[s.socket for s in inherited])
-    if server.started:
-        # Before exit, not at exit: the supervisor may stop reading a worker's
-        # output as soon as it has exited.
-        print(f"nodrop.adapters.uvicorn: {server.summary()}", file=sys.stderr, flush=True)
     return 0 if server.started else 3
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import inspect
+import os
 import socket
 import sys
 from collections.abc import Callable, MutableMapping
@@ -63,6 +64,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nodrop.adapters.accept import Acceptor
 from nodrop.adapters.asgi import AsgiDrain, DrainingApp
+from nodrop.connhandoff import MAX_STATE, AsyncHandoff
 
 try:  # uvicorn[standard]; plain `pip install uvicorn` has no httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -161,6 +163,36 @@ class _Draining:
         """No request in progress and no response to finish."""
         return self.cycle is None or bool(self.cycle.response_complete)
 
+    def unparsed(self) -> bytes | None:
+        """What was read of the next request and not parsed, or None if unknown."""
+        raise NotImplementedError
+
+    def idle_prefix(self) -> bytes | None:
+        """The connection can be handed over: between requests, nothing
+        unwritten, no complete request buffered; returns what was read of
+        the next request (usually b""). None when it cannot move now."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self.between_requests():
+            return None
+        if transport.get_write_buffer_size() or transport.get_extra_info("ssl_object"):
+            return None
+        data = self.unparsed()
+        # Without a blank line no request can be made of it: the connection
+        # waits for more bytes, it is not about to serve a buffered request.
+        if data is None or b"\n\n" in data or b"\n\r\n" in data or len(data) > MAX_STATE:
+            return None
+        return data
+
+    def detach(self) -> socket.socket:
+        """Take the socket out of uvicorn without touching the connection: a
+        duplicate fd (close-on-exec); the transport is aborted (its fd closed,
+        no shutdown), which uvicorn sees as the peer going away while idle."""
+        raw = self.transport.get_extra_info("socket")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        sock.setblocking(False)
+        self.transport.abort()
+        return sock
+
     def drain(self) -> None:
         """Draining begins. Nothing is closed here: the next response says
         ``Connection: close`` (the app wrapper does), and a connection idle
@@ -183,14 +215,36 @@ class DrainingH11Protocol(_Draining, H11Protocol):
     def between_requests(self) -> bool:
         return super().between_requests() and self.conn.our_state in (h11.IDLE, h11.DONE)
 
+    def unparsed(self) -> bytes | None:
+        conn = self.conn
+        if conn.our_state is not h11.IDLE or conn.their_state is not h11.IDLE:
+            return None
+        data, closed = conn.trailing_data
+        return None if closed else bytes(data)
+
 
 if HttpToolsProtocol is not None:
 
     class DrainingHttpToolsProtocol(_Draining, HttpToolsProtocol):
         """uvicorn's httptools protocol, drained without failing a request."""
 
+        _in_message = False
+
         def between_requests(self) -> bool:
             return super().between_requests() and not self.pipeline
+
+        def on_message_begin(self) -> None:
+            self._in_message = True
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._in_message = False
+            super().on_message_complete()
+
+        def unparsed(self) -> bytes | None:
+            # httptools keeps a partial request inside its parser, out of reach:
+            # such a connection is answered here (then closed) instead.
+            return None if self._in_message else b""
 
 
 def draining_protocol_class(cls: type[asyncio.Protocol]) -> type[_Draining] | None:
@@ -214,6 +268,10 @@ class NodropServer(uvicorn.Server):
         on_started: called once the lifespan start-up completed and the
             server accepts (``READY=1``).
         drain_extra: see :data:`DEFAULT_DRAIN_EXTRA`.
+        handoff: the connection handoff (``nodrop run --handoff``): idle
+            connections are then given to the new generation at drain, and
+            connections the old generation gives are served here.
+        name: what the last log line (the connection counts) starts with.
     """
 
     def __init__(
@@ -222,14 +280,23 @@ class NodropServer(uvicorn.Server):
         *,
         on_started: Callable[[], object] | None = None,
         drain_extra: float = DEFAULT_DRAIN_EXTRA,
+        handoff: AsyncHandoff | None = None,
+        name: str = "nodrop.adapters.uvicorn",
     ) -> None:
         super().__init__(config)
+        self.name = name
         self.on_started = on_started
         self.drain_extra = drain_extra
+        self.handoff = handoff
         self.asgi_drain = AsgiDrain()
         self.acceptor: Acceptor | None = None
         self.servers = []
-        self.startup_failed = False
+        self.handed_over = 0
+        self.returned = 0
+
+    @property
+    def can_hand_over(self) -> bool:
+        return self.handoff is not None and self.config.ssl is None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config = self.config
@@ -237,12 +304,13 @@ class NodropServer(uvicorn.Server):
             config.loaded_app = DrainingApp(config.loaded_app, self.asgi_drain)
         await self.lifespan.startup()
         if self.lifespan.should_exit:
-            self.startup_failed = True
             sys.exit(STARTUP_FAILURE)
         if not sockets:
             raise RuntimeError("NodropServer serves the sockets it is given; none were")
         loop = asyncio.get_running_loop()
         known = draining_protocol_class(config.http_protocol_class)
+        if known is None:
+            self.handoff = None  # a protocol nodrop cannot take connections out of
         app_state = self.lifespan.state
 
         async def connect(sock: socket.socket, prefix: bytes) -> None:
@@ -266,41 +334,102 @@ class NodropServer(uvicorn.Server):
 
         self.servers = []
         self.acceptor = Acceptor(sockets, connect)
+        if self.can_hand_over:
+            assert self.handoff is not None
+            try:
+                # Before READY=1: no connection may find this worker unregistered.
+                await self.handoff.start_receiving(self.acceptor.adopt)
+            except Exception as exc:
+                print(f"connection handoff unavailable: {exc}", file=sys.stderr)
+                self.handoff = None
         self.acceptor.start()
         self.started = True
         if self.on_started is not None:
             self.on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await self._drain()
+        finally:
+            if self.handoff is not None:
+                self.handoff.close()
+        # Logged before the lifespan shutdown, not at exit: the supervisor may
+        # stop reading a worker's output as soon as it has exited.
+        print(f"{self.name}: {self.summary()}", file=sys.stderr, flush=True)
+        # Past the deadline (or none left): uvicorn's own shutdown closes what
+        # is idle, waits for the tasks, runs the lifespan shutdown. The
+        # listening sockets are nodrop's: never closed here.
+        await super().shutdown(None)
+
+    async def _drain(self) -> None:
         if self.acceptor is not None:
             self.acceptor.stop()
             await self.acceptor.settle()
-        await self.asgi_drain.start(close_http=True)
+        give = self.can_hand_over and self.handoff is not None
+        if self.handoff is not None:
+            # Connections already on their way to us are adopted, then given on.
+            await self.handoff.stop_receiving()
+            if self.acceptor is not None:
+                await self.acceptor.settle()
+        await self.asgi_drain.start(close_http=not give)
         connections = self.server_state.connections
-        for conn in list(connections):
-            if isinstance(conn, _Draining):
-                conn.drain()
+        if not give:
+            self._close_idle_at_timeout()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout_keep_alive + self.drain_extra
         notify = self.config.callback_notify
         last_notified = loop.time()
-        while connections and not self.force_exit and loop.time() < deadline:
+        while not self.force_exit:
+            if give:
+                give = await self._give_idle()
+            if not connections or loop.time() >= deadline:
+                break
             if notify is not None and loop.time() - last_notified >= 1.0:
                 # gunicorn's heartbeat: a long drain is not a hung worker.
                 last_notified = loop.time()
                 await notify()
             await asyncio.sleep(_POLL)
-        # Past the deadline (or none left): uvicorn's own shutdown closes what
-        # is idle, waits for the tasks, runs the lifespan shutdown. The
-        # listening sockets are nodrop's: never closed here.
-        await super().shutdown(None)
+
+    def _close_idle_at_timeout(self) -> None:
+        for conn in list(self.server_state.connections):
+            if isinstance(conn, _Draining):
+                conn.drain()
+
+    async def _give_idle(self) -> bool:
+        """Give every connection idle now; False once giving stopped (nobody
+        took them: they are served here, closed after their next response)."""
+        assert self.handoff is not None
+        batch: list[tuple[socket.socket, bytes]] = []
+        for conn in list(self.server_state.connections):
+            if isinstance(conn, _Draining):
+                prefix = conn.idle_prefix()
+                if prefix is not None:
+                    batch.append((conn.detach(), prefix))
+        if not batch:
+            return True
+        result = await self.handoff.give([s for s, _ in batch], [p for _, p in batch])
+        self.handed_over += result.placed
+        if not result.returned:
+            return True
+        self.returned += len(result.returned)
+        await self.asgi_drain.start(close_http=True)
+        assert self.acceptor is not None
+        for index in result.returned:
+            sock, prefix = batch[index]
+            self.acceptor.adopt(sock, prefix)
+        await self.acceptor.settle()
+        self._close_idle_at_timeout()
+        return False
 
     def summary(self) -> str:
         """What this worker did with connections, for its last log line."""
         acceptor = self.acceptor
         accepted = acceptor.accepted if acceptor else 0
         adopted = acceptor.adopted if acceptor else 0
-        return f"connections: accepted {accepted}, adopted {adopted}"
+        return (
+            f"connections: accepted {accepted}, adopted {adopted}, "
+            f"handed over {self.handed_over}, returned {self.returned}"
+        )
 
 
 def run_gunicorn_worker(worker: Any, on_started: Callable[[], object]) -> None:
@@ -312,7 +441,12 @@ def run_gunicorn_worker(worker: Any, on_started: Callable[[], object]) -> None:
     """
     config: Config = worker.config
     config.app = worker.wsgi
-    server = NodropServer(config, on_started=on_started)
+    server = NodropServer(
+        config,
+        on_started=on_started,
+        handoff=AsyncHandoff.from_environ(),
+        name="nodrop gunicorn worker",
+    )
     sockets = [getattr(s, "sock", s) for s in worker.sockets]
 
     async def serve() -> None:
@@ -321,6 +455,5 @@ def run_gunicorn_worker(worker: Any, on_started: Callable[[], object]) -> None:
 
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(serve())
-    worker.log.info("nodrop: %s", server.summary())
     if not server.started:
         sys.exit(STARTUP_FAILURE)
