@@ -1,9 +1,9 @@
-"""uvicorn and gunicorn's uvicorn worker with ``nodrop run --handoff``:
+"""uvicorn and gunicorn's ASGI workers with ``nodrop run --handoff``:
 reloads that close no connection.
 
 Idle HTTP/1.1 keep-alive connections leave the draining worker through the
 broker and are served by the new generation as if it had accepted them
-(``nodrop.adapters.uvicorn_internals``). The targets: 500 idle
+(``nodrop.adapters.uvicorn_internals``, ``nodrop.adapters.gunicorn_asgi_internals``). The targets: 500 idle
 connections survive 5 reloads on the same client port, each answered by the
 newest generation; keep-alive load from ``http.client`` and ``wrk`` across
 the reloads fails nothing and reconnects nothing.
@@ -82,6 +82,14 @@ SERVERS_UNDER_TEST = [
         marks=pytest.mark.skipif(
             importlib.util.find_spec("uvicorn_worker") is None or _uvloop_missing(),
             reason="uvicorn-worker is not installed",
+        ),
+    ),
+    pytest.param(
+        ([*GUNICORN, "-k", "asgi", "stack_starlette:app"], 1),
+        id="gunicorn-asgi",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("gunicorn.workers.gasgi") is None,
+            reason="gunicorn 27's ASGI worker is not installed",
         ),
     ),
 ]

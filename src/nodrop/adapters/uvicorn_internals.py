@@ -65,6 +65,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from nodrop.adapters.accept import Acceptor
 from nodrop.adapters.asgi import AsgiDrain, DrainingApp
 from nodrop.connhandoff import MAX_STATE, AsyncHandoff
+from nodrop.systemd.notify import stopping
 
 try:  # uvicorn[standard]; plain `pip install uvicorn` has no httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -146,6 +147,18 @@ class _Draining:
     def __init__(self, *args: Any, prefix: bytes = b"", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._prefix = prefix
+        self.on_idle: Callable[[_Draining], None] | None = None
+        """Called after each response while the server is handing connections over."""
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self.on_idle is not None:
+            self.on_idle(self)
+
+    def stop_reading(self) -> None:
+        """Leave what the client sends next in the kernel (it moves with the fd)."""
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -293,6 +306,7 @@ class NodropServer(uvicorn.Server):
         self.servers = []
         self.handed_over = 0
         self.returned = 0
+        self._to_give: list[tuple[socket.socket, bytes]] = []
 
     @property
     def can_hand_over(self) -> bool:
@@ -365,6 +379,7 @@ class NodropServer(uvicorn.Server):
         if self.acceptor is not None:
             self.acceptor.stop()
             await self.acceptor.settle()
+        stopping(status="uvicorn draining")
         give = self.can_hand_over and self.handoff is not None
         if self.handoff is not None:
             # Connections already on their way to us are adopted, then given on.
@@ -395,16 +410,27 @@ class NodropServer(uvicorn.Server):
             if isinstance(conn, _Draining):
                 conn.drain()
 
+    def _turned_idle(self, conn: _Draining) -> None:
+        """A response went out while handing over: take the connection now,
+        before the client's next request arrives, or (its response still
+        being written) stop reading it until the next look."""
+        prefix = conn.idle_prefix()
+        if prefix is not None:
+            self._to_give.append((conn.detach(), prefix))
+        elif conn.between_requests() and conn.unparsed() is not None:
+            conn.stop_reading()  # its response is still being written
+
     async def _give_idle(self) -> bool:
         """Give every connection idle now; False once giving stopped (nobody
         took them: they are served here, closed after their next response)."""
         assert self.handoff is not None
-        batch: list[tuple[socket.socket, bytes]] = []
         for conn in list(self.server_state.connections):
             if isinstance(conn, _Draining):
+                conn.on_idle = self._turned_idle
                 prefix = conn.idle_prefix()
                 if prefix is not None:
-                    batch.append((conn.detach(), prefix))
+                    self._to_give.append((conn.detach(), prefix))
+        batch, self._to_give = self._to_give, []
         if not batch:
             return True
         result = await self.handoff.give([s for s, _ in batch], [p for _, p in batch])
@@ -412,6 +438,9 @@ class NodropServer(uvicorn.Server):
         if not result.returned:
             return True
         self.returned += len(result.returned)
+        for conn in list(self.server_state.connections):
+            if isinstance(conn, _Draining):
+                conn.on_idle = None
         await self.asgi_drain.start(close_http=True)
         assert self.acceptor is not None
         for index in result.returned:
