@@ -24,6 +24,12 @@ protocol classes and changes only that:
   state would close it: when its keep-alive timeout passes (one that never
   sent a request gets the same timer); a response already under way when
   the drain began leaves its connection idle, not closed;
+* under ``nodrop run --handoff``, instead, each connection is given to the
+  new generation the moment it is idle (between requests, nothing unwritten,
+  no complete request buffered; with h11, what was read of the next request
+  travels with it), and served there by the same protocol classes
+  (``Acceptor.adopt``); a connection nobody takes is served here, with
+  ``Connection: close``;
 * once no connection is left, or :data:`DEFAULT_DRAIN_EXTRA` seconds past
   the keep-alive timeout, uvicorn's own shutdown runs (tasks, lifespan).
 
@@ -40,8 +46,12 @@ upgrade of uvicorn changes them):
 * ``H11Protocol`` and ``HttpToolsProtocol``: ``__init__(config,
   server_state, app_state, _loop)``, ``cycle`` (``response_complete``),
   ``transport``, ``timeout_keep_alive_task``, ``timeout_keep_alive_handler``,
-  ``shutdown``; ``H11Protocol.conn`` (an ``h11.Connection``);
-  ``HttpToolsProtocol.pipeline``.
+  ``shutdown``, ``on_response_complete`` (called after each response);
+  ``H11Protocol.conn`` (an ``h11.Connection``: ``our_state``,
+  ``their_state``, ``trailing_data``); ``HttpToolsProtocol.pipeline``,
+  ``on_message_begin``, ``on_message_complete`` (httptools' callbacks);
+* for the handoff: the transport's ``get_extra_info("socket")``, ``abort()``
+  (closes the fd without a shutdown) and ``pause_reading()``.
 
 Tested with :data:`TESTED_VERSIONS`.
 """
@@ -107,6 +117,14 @@ def check_internals() -> list[str]:
             for name in ("timeout_keep_alive_handler", "shutdown", "on_response_complete")
             if not hasattr(cls, name)
         ]
+    if HttpToolsProtocol is not None:
+        problems += [
+            f"HttpToolsProtocol.{name} is missing"
+            for name in ("on_message_begin", "on_message_complete")
+            if not hasattr(HttpToolsProtocol, name)
+        ]
+    if not hasattr(h11.Connection, "trailing_data"):
+        problems.append("h11.Connection has no trailing_data")
     server = uvicorn.Server(Config(app=_nothing))
     state = server.server_state
     problems += [
