@@ -19,6 +19,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from nodrop.adapters.uvicorn_internals import (  # noqa: E402
     TESTED_VERSIONS,
+    DrainingMixin,
     NodropServer,
     check_internals,
 )
@@ -179,6 +180,8 @@ def test_a_detached_connection_moves_with_what_was_read_of_its_next_request(
             writer.write(half)  # h11 reads it and waits for the rest
             await writer.drain()
         (conn,) = old.server_state.connections
+        assert isinstance(conn, DrainingMixin)
+        assert new.acceptor is not None
         for _ in range(500):
             if conn.idle_prefix() == half:
                 break

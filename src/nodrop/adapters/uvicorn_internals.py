@@ -149,7 +149,7 @@ async def _nothing(scope: Scope, receive: Any, send: Any) -> None:
 # -- the protocols ----------------------------------------------------------------------
 
 
-class _Draining:
+class DrainingMixin:
     """What nodrop adds to uvicorn's HTTP protocols (a mixin).
 
     Args (keyword, before uvicorn's own): ``prefix``, bytes an old
@@ -165,7 +165,7 @@ class _Draining:
     def __init__(self, *args: Any, prefix: bytes = b"", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._prefix = prefix
-        self.on_idle: Callable[[_Draining], None] | None = None
+        self.on_idle: Callable[[DrainingMixin], None] | None = None
         """Called after each response while the server is handing connections over."""
 
     def on_response_complete(self) -> None:
@@ -238,7 +238,7 @@ class _Draining:
             )
 
 
-class DrainingH11Protocol(_Draining, H11Protocol):
+class DrainingH11Protocol(DrainingMixin, H11Protocol):
     """uvicorn's h11 protocol, drained without failing a request."""
 
     conn: h11.Connection
@@ -256,7 +256,7 @@ class DrainingH11Protocol(_Draining, H11Protocol):
 
 if HttpToolsProtocol is not None:
 
-    class DrainingHttpToolsProtocol(_Draining, HttpToolsProtocol):
+    class DrainingHttpToolsProtocol(DrainingMixin, HttpToolsProtocol):
         """uvicorn's httptools protocol, drained without failing a request."""
 
         _in_message = False
@@ -278,7 +278,7 @@ if HttpToolsProtocol is not None:
             return None if self._in_message else b""
 
 
-def draining_protocol_class(cls: type[asyncio.Protocol]) -> type[_Draining] | None:
+def draining_protocol_class(cls: type[asyncio.Protocol]) -> type[DrainingMixin] | None:
     """nodrop's version of uvicorn's HTTP protocol class ``cls``, or None
     for one nodrop does not know (zttp, HTTP/2: served as uvicorn would)."""
     if HttpToolsProtocol is not None and issubclass(cls, HttpToolsProtocol):
@@ -425,10 +425,10 @@ class NodropServer(uvicorn.Server):
 
     def _close_idle_at_timeout(self) -> None:
         for conn in list(self.server_state.connections):
-            if isinstance(conn, _Draining):
+            if isinstance(conn, DrainingMixin):
                 conn.drain()
 
-    def _turned_idle(self, conn: _Draining) -> None:
+    def _turned_idle(self, conn: DrainingMixin) -> None:
         """A response went out while handing over: take the connection now,
         before the client's next request arrives, or (its response still
         being written) stop reading it until the next look."""
@@ -443,7 +443,7 @@ class NodropServer(uvicorn.Server):
         took them: they are served here, closed after their next response)."""
         assert self.handoff is not None
         for conn in list(self.server_state.connections):
-            if isinstance(conn, _Draining):
+            if isinstance(conn, DrainingMixin):
                 conn.on_idle = self._turned_idle
                 prefix = conn.idle_prefix()
                 if prefix is not None:
@@ -457,7 +457,7 @@ class NodropServer(uvicorn.Server):
             return True
         self.returned += len(result.returned)
         for conn in list(self.server_state.connections):
-            if isinstance(conn, _Draining):
+            if isinstance(conn, DrainingMixin):
                 conn.on_idle = None
         await self.asgi_drain.start(close_http=True)
         assert self.acceptor is not None
