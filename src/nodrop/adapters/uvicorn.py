@@ -10,11 +10,17 @@ drop-in command line::
 It accepts every uvicorn option (``--factory``, ``--app-dir``,
 ``--log-level``, ...; not ``--host/--port/--uds/--fd/--workers/--reload``,
 nodrop owns those), serves on every socket from ``LISTEN_FDS``, sends
-``READY=1`` once the application's start-up has completed and uvicorn
-listens, and on SIGTERM stops accepting before uvicorn's own shutdown (see
-:mod:`nodrop.adapters.drain`). Plain ``uvicorn --fd 3`` was measured to fail
-a few requests per reload in new-connection mode (closed unanswered or
-reset); this adapter fails none.
+``READY=1`` once the application's lifespan start-up has completed (a
+start-up that fails exits 3, and ``nodrop reload`` rolls back), and on
+SIGTERM drains without failing a request: nothing more is accepted, the next
+response on each kept-alive connection says ``Connection: close``, idle
+connections close only at their keep-alive timeout, WebSocket sessions
+close with 1012; under ``nodrop run --handoff`` idle connections move to the
+new generation instead. asyncio and uvloop, h11 and httptools alike; see
+:mod:`nodrop.adapters.uvicorn_internals`. Plain ``uvicorn --fd 3`` was
+measured to fail requests on every reload (new connections closed
+unanswered or reset; kept-alive ones closed under their clients); this
+adapter fails none.
 """
 
 from __future__ import annotations
