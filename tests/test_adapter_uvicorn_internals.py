@@ -188,7 +188,12 @@ def test_a_detached_connection_moves_with_what_was_read_of_its_next_request(
             await asyncio.sleep(0.01)
         prefix = conn.idle_prefix()
         assert prefix is not None
-        new.acceptor.adopt(conn.detach(), prefix)  # what the broker does, in one process
+        new.adopt(conn.detach(), prefix)  # what the broker does, in one process
+        await new.acceptor.settle()
+        (adopted,) = new.server_state.connections
+        assert isinstance(adopted, DrainingMixin)
+        if not half:  # kept alive before: its keep-alive timeout runs here too
+            assert adopted.timeout_keep_alive_task is not None
         writer.write(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"[len(half) :])
         _, second = await read_response(reader)
         served_by_new = len(new.server_state.connections)

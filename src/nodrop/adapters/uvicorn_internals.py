@@ -162,9 +162,12 @@ class DrainingMixin:
     timeout_keep_alive_task: asyncio.TimerHandle | None
     loop: asyncio.AbstractEventLoop
 
-    def __init__(self, *args: Any, prefix: bytes = b"", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, prefix: bytes = b"", adopted: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._prefix = prefix
+        self._adopted = adopted
         self.on_idle: Callable[[DrainingMixin], None] | None = None
         """Called after each response while the server is handing connections over."""
 
@@ -183,6 +186,16 @@ class DrainingMixin:
         if self._prefix:
             prefix, self._prefix = self._prefix, b""
             self.data_received(prefix)
+        if self._adopted and self.cycle is None:
+            # Kept alive elsewhere before: its keep-alive timeout runs, as it
+            # did there (uvicorn arms none before a connection's first request).
+            self._arm_keep_alive()
+
+    def _arm_keep_alive(self) -> None:
+        if self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)  # type: ignore[misc]
@@ -230,12 +243,8 @@ class DrainingMixin:
         now closes when its keep-alive timeout passes -- a connection that
         never sent a request gets that timer too (steady state would keep
         it open, but the worker is going away)."""
-        if self.transport.is_closing():
-            return
-        if self.cycle is None and self.timeout_keep_alive_task is None:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+        if self.cycle is None:
+            self._arm_keep_alive()
 
 
 class DrainingH11Protocol(DrainingMixin, H11Protocol):
@@ -325,6 +334,7 @@ class NodropServer(uvicorn.Server):
         self.handed_over = 0
         self.returned = 0
         self._to_give: list[tuple[socket.socket, bytes]] = []
+        self._adopting: set[int] = set()
 
     @property
     def can_hand_over(self) -> bool:
@@ -346,6 +356,9 @@ class NodropServer(uvicorn.Server):
         app_state = self.lifespan.state
 
         async def connect(sock: socket.socket, prefix: bytes) -> None:
+            adopted = sock.fileno() in self._adopting
+            self._adopting.discard(sock.fileno())
+
             def factory() -> asyncio.Protocol:
                 if known is None:
                     return config.http_protocol_class(  # type: ignore[call-arg]
@@ -360,6 +373,7 @@ class NodropServer(uvicorn.Server):
                     app_state=app_state,
                     _loop=loop,
                     prefix=prefix,
+                    adopted=adopted,
                 )
 
             await loop.connect_accepted_socket(factory, sock, ssl=config.ssl)
@@ -370,7 +384,7 @@ class NodropServer(uvicorn.Server):
             assert self.handoff is not None
             try:
                 # Before READY=1: no connection may find this worker unregistered.
-                await self.handoff.start_receiving(self.acceptor.adopt)
+                await self.handoff.start_receiving(self.adopt)
             except Exception as exc:
                 print(f"connection handoff unavailable: {exc}", file=sys.stderr)
                 self.handoff = None
@@ -378,6 +392,12 @@ class NodropServer(uvicorn.Server):
         self.started = True
         if self.on_started is not None:
             self.on_started()
+
+    def adopt(self, sock: socket.socket, prefix: bytes = b"") -> None:
+        """Serve a connection another generation handed over."""
+        assert self.acceptor is not None
+        self._adopting.add(sock.fileno())
+        self.acceptor.adopt(sock, prefix)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:
