@@ -149,6 +149,33 @@ def test_stop_accepting_leaves_queued_connections_in_the_kernel_queue() -> None:
     assert request == "ping\n"
 
 
+@pytest.fixture(scope="module")
+def uvloop_warmed_up() -> None:
+    """uvloop opens a pipe, once per process, with its first loop: open it
+    before the fd-leak check looks."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.sleep(0))
+
+
+@pytest.mark.usefixtures("uvloop_warmed_up")
+def test_stop_accepting_takes_a_uvloop_server() -> None:
+    """uvloop's Server is no asyncio.AbstractServer and is not iterable: it
+    was once a TypeError on every drain, which aborted uvicorn's shutdown."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> bool:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+        assert not isinstance(server, asyncio.AbstractServer)
+        await stop_accepting(server)
+        server.close()
+        await server.wait_closed()
+        return True
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario())
+
+
 def test_drain_reports_a_connection_that_outlives_the_timeout() -> None:
     async def scenario() -> bool:
         held: list[asyncio.Task[Any]] = []

@@ -48,6 +48,9 @@ class _Session:
         self.restarted = False
 
 
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
 class AsgiDrain:
     """Per-worker drain state for an ASGI application.
 
@@ -137,3 +140,15 @@ class AsgiDrain:
             await session.send(
                 {"type": "websocket.close", "code": SERVICE_RESTART, "reason": RESTART_REASON}
             )
+
+
+class DrainingApp:
+    """An ASGI 3 application with ``drain``'s signals added to every connection."""
+
+    def __init__(self, inner: App, drain: AsgiDrain) -> None:
+        self.inner = inner
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        receive, send = self.drain.wrap(scope, receive, send)
+        await self.inner(scope, receive, send)

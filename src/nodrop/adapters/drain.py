@@ -47,7 +47,9 @@ class HasFileno(Protocol):
 
 
 def _listening_fds(target: asyncio.AbstractServer | Iterable[HasFileno | int]) -> list[int]:
-    if isinstance(target, asyncio.AbstractServer):
+    # uvloop's Server is no asyncio.AbstractServer (and not iterable): any
+    # object with ``sockets`` is taken for a server.
+    if isinstance(target, asyncio.AbstractServer) or hasattr(target, "sockets"):
         sockets = getattr(target, "sockets", None) or ()
         return [sock.fileno() for sock in sockets]
     return [item if isinstance(item, int) else item.fileno() for item in target]

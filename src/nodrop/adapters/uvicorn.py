@@ -10,17 +10,21 @@ drop-in command line::
 It accepts every uvicorn option (``--factory``, ``--app-dir``,
 ``--log-level``, ...; not ``--host/--port/--uds/--fd/--workers/--reload``,
 nodrop owns those), serves on every socket from ``LISTEN_FDS``, sends
-``READY=1`` once the application's start-up has completed and uvicorn
-listens, and on SIGTERM stops accepting before uvicorn's own shutdown (see
-:mod:`nodrop.adapters.drain`). Plain ``uvicorn --fd 3`` was measured to fail
-a few requests per reload in new-connection mode (closed unanswered or
-reset); this adapter fails none.
+``READY=1`` once the application's lifespan start-up has completed (a
+start-up that fails exits 3, and ``nodrop reload`` rolls back), and on
+SIGTERM drains without failing a request: nothing more is accepted, the next
+response on each kept-alive connection says ``Connection: close``, idle
+connections close only at their keep-alive timeout, WebSocket sessions
+close with 1012; under ``nodrop run --handoff`` idle connections move to the
+new generation instead. asyncio and uvloop, h11 and httptools alike; see
+:mod:`nodrop.adapters.uvicorn_internals`. Plain ``uvicorn --fd 3`` was
+measured to fail requests on every reload (new connections closed
+unanswered or reset; kept-alive ones closed under their clients); this
+adapter fails none.
 """
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +32,8 @@ from typing import Any
 import uvicorn
 from uvicorn.main import main as uvicorn_command
 
-from nodrop.adapters.drain import DEFAULT_SETTLE, stop_accepting
+from nodrop.adapters.uvicorn_internals import NodropServer
+from nodrop.connhandoff import AsyncHandoff
 from nodrop.errors import ActivationError
 from nodrop.systemd.activation import listen_fds
 from nodrop.systemd.notify import ready
@@ -37,24 +42,6 @@ OWNED_BY_NODROP = ("host", "port", "uds", "fd", "workers", "reload")
 
 # uvicorn.main.main's parameters that are not Config's (or differ in form).
 _CLI_ONLY = ("app_dir",)
-
-
-class NodropServer(uvicorn.Server):
-    """``uvicorn.Server`` that notifies readiness and stops accepting first."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if not self.should_exit:
-            ready(status="uvicorn serving")
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn's shutdown closes every server at once and then every
-        # connection with no request in progress; stop accepting first and
-        # let what was accepted read its request.
-        for server in getattr(self, "servers", []):
-            await stop_accepting(server)
-        await asyncio.sleep(DEFAULT_SETTLE)
-        await super().shutdown(sockets)
 
 
 def config_from_argv(argv: Sequence[str]) -> uvicorn.Config:
@@ -98,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "nodrop.adapters.uvicorn: no LISTEN_FDS for this process; run it under "
             "`nodrop run --listen ...` or a systemd .socket unit"
         )
-    server = NodropServer(config)
+    server = NodropServer(
+        config,
+        on_started=lambda: ready(status="uvicorn serving"),
+        handoff=AsyncHandoff.from_environ(),
+    )
     server.run(sockets=[s.socket for s in inherited])
     return 0 if server.started else 3
 
