@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from nodrop.commands._numbers import positive_seconds, seconds
 from nodrop.errors import ConfigError
 
 HELP = """\
@@ -64,20 +65,20 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--ready-timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="roll back a generation not ready within S seconds (default 30)",
     )
     parser.add_argument(
         "--ready-grace",
-        type=float,
+        type=seconds,
         metavar="S",
         help="new workers must stay up S seconds after READY=1 before the old generation "
         "drains; a crash in that window rolls back (default 0.5)",
     )
     parser.add_argument(
         "--drain-timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="SIGKILL an old generation still running S seconds after the drain signal (default 30)",
     )
