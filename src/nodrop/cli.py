@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from nodrop._version import __version__
-from nodrop.errors import NodropError, PeerDeniedError
+from nodrop.errors import NodropError, PeerDeniedError, UntrustedError
 
 EXIT_ERROR = 2
 """Bad option, no supervisor, timeout, or any other error."""
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args))
-    except PeerDeniedError as exc:
+    except (PeerDeniedError, UntrustedError) as exc:
         print(f"nodrop {args.subcommand}: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except NodropError as exc:

@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.connhandoff.broker import ConnectionBroker
     from nodrop.listeners.held import HeldSocket
     from nodrop.supervisor.config import config_from_dict, load_config
-    from nodrop.supervisor.control import default_control_path
+    from nodrop.supervisor.control import default_control_path, prepare_control_dir
     from nodrop.supervisor.discovery import check_name, derive_name
     from nodrop.supervisor.metrics_http import MetricsServer, bind_metrics
     from nodrop.supervisor.process import become_subreaper
@@ -222,11 +222,6 @@ def run(args: argparse.Namespace) -> int:
     inherited = [HeldSocket.adopt(s.socket, s.name) for s in listen_fds(unset_environment=True)]
     if not config.listen and not inherited:
         raise ConfigError("nothing to listen on: give --listen SPEC (or `listen` in the config)")
-    service_notify = os.environ.pop("NOTIFY_SOCKET", None)
-    become_subreaper()
-    listeners = make_listeners(
-        config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
-    )
     name = (
         check_name(args.name)
         if args.name
@@ -234,10 +229,17 @@ def run(args: argparse.Namespace) -> int:
             config.listen, [str(h.identity).partition(" (")[0] for h in inherited], os.getpid()
         )
     )
+    control = args.control or default_control_path(name)
+    prepare_control_dir(control)  # a bad path is refused before anything starts
+    service_notify = os.environ.pop("NOTIFY_SOCKET", None)
+    become_subreaper()
+    listeners = make_listeners(
+        config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
+    )
     supervisor = Supervisor(
         config,
         listeners,
-        control_path=args.control or default_control_path(name),
+        control_path=control,
         config_path=args.config,
         cli_values=values,
         tag_output=not args.no_tag_output,

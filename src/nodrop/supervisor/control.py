@@ -20,11 +20,19 @@ import socket
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, cast
 
-from nodrop.errors import ControlError, PeerDeniedError
-from nodrop.kernel.fdpass import check_peer
+from nodrop.errors import ControlError, PeerDeniedError, UntrustedError
+from nodrop.kernel.fdpass import check_peer, peer_credentials
 from nodrop.supervisor.api import ControlRequest, Reply
+from nodrop.supervisor.controldir import (
+    check_private_dir,
+    default_dir,
+    ensure_private_dir,
+    is_default,
+)
 
 MAX_REQUEST = 64 * 1024
+AF_UNIX_PATH_MAX = 107
+"""Bytes in a Unix socket path (``sun_path`` holds 108 with the trailing NUL)."""
 COMMANDS = ("reload", "status", "stop", "reexec")
 
 Handler = Callable[[ControlRequest], Awaitable[Reply]]
@@ -33,20 +41,29 @@ Handler = Callable[[ControlRequest], Awaitable[Reply]]
 def default_control_path(name: str = "nodrop") -> str:
     """Where the control socket lives unless ``--control`` says otherwise.
 
-    ``$NODROP_CONTROL`` if set; else ``$XDG_RUNTIME_DIR/nodrop/NAME.sock``;
-    else ``/run/nodrop/NAME.sock`` for root; else ``/tmp/nodrop-UID/NAME.sock``.
+    ``$NODROP_CONTROL`` if set; else ``NAME.sock`` in the control directory
+    (:func:`nodrop.supervisor.controldir.default_dir`:
+    ``$XDG_RUNTIME_DIR/nodrop``, ``/run/nodrop`` for root, else
+    ``/tmp/nodrop-UID``, checked before use).
     """
     explicit = os.environ.get("NODROP_CONTROL")
     if explicit:
         return explicit
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        base = os.path.join(runtime, "nodrop")
-    elif os.geteuid() == 0:
-        base = "/run/nodrop"
-    else:
-        base = f"/tmp/nodrop-{os.geteuid()}"
-    return os.path.join(base, f"{name}.sock")
+    return os.path.join(default_dir(), f"{name}.sock")
+
+
+def check_path_length(path: str) -> None:
+    """Refuse a socket path the kernel cannot bind or connect to (pure).
+
+    Raises:
+        ControlError: naming the path, its length and the limit.
+    """
+    size = len(os.fsencode(path))
+    if size > AF_UNIX_PATH_MAX:
+        raise ControlError(
+            f"control socket path {path} is {size} bytes; a Unix socket path is at most "
+            f"{AF_UNIX_PATH_MAX} bytes: give a shorter --control (or $XDG_RUNTIME_DIR)"
+        )
 
 
 def parse_request(line: bytes) -> ControlRequest:
@@ -62,10 +79,51 @@ def parse_request(line: bytes) -> ControlRequest:
     return cast(ControlRequest, request)
 
 
-def bind_control(path: str) -> socket.socket:
-    """Create the listening control socket (0600, in a directory we make 0700)."""
+def prepare_control_dir(path: str) -> None:
+    """Check ``path`` and make its directory, before anything else starts.
+
+    In the default control directory, that directory must be ours
+    (:func:`~nodrop.supervisor.controldir.ensure_private_dir`).
+
+    Raises:
+        UntrustedError: the default control directory is not ours.
+        ControlError: the path is too long, or its directory cannot be made
+            (one line naming it).
+    """
+    check_path_length(path)
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        if is_default(path):
+            ensure_private_dir(directory)
+        else:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+    except UntrustedError:
+        raise
+    except OSError as exc:
+        raise ControlError(f"cannot create the control socket {path}: {_why(exc)}") from exc
+
+
+def bind_control(path: str) -> socket.socket:
+    """Create the listening control socket (0600, in a directory we make 0700).
+
+    Raises:
+        UntrustedError: the default control directory is not ours.
+        ControlError: the path is too long, or cannot be created or bound
+            (one line naming it).
+    """
+    prepare_control_dir(path)
+    try:
+        return _bind(path)
+    except OSError as exc:
+        raise ControlError(f"cannot create the control socket {path}: {_why(exc)}") from exc
+
+
+def _why(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _bind(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,7 +178,8 @@ class ControlServer:
             try:
                 check_peer(peer, self._allowed)
             except PeerDeniedError as exc:
-                await _reply(writer, {"ok": False, "message": str(exc)})
+                # "refused" lets the client exit with its own status (not a rollback's).
+                await _reply(writer, {"ok": False, "refused": True, "message": str(exc)})
                 return
             try:
                 line = await reader.readline()
@@ -159,9 +218,18 @@ async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None
 def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) -> dict[str, Any]:
     """Send one command to a supervisor and return its answer.
 
+    Only a supervisor running as our own uid is believed (``SO_PEERCRED``):
+    whoever else answers on the path could say anything. In the default
+    control directory, the directory is checked first.
+
     Raises:
         ControlError: no supervisor there, or the connection broke.
+        UntrustedError: the control directory or the socket's peer is not ours.
+        PeerDeniedError: the supervisor refused us for our uid.
     """
+    check_path_length(path)
+    if is_default(path):
+        check_private_dir(os.path.dirname(os.path.abspath(path)))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -173,7 +241,13 @@ def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) 
                 "and is this its --control path?"
             ) from exc
         except PermissionError as exc:
-            raise ControlError(f"not allowed to use {path}: {exc.strerror}") from exc
+            raise PeerDeniedError(f"not allowed to use {path}: {exc.strerror}") from exc
+        peer = peer_credentials(sock)
+        if peer.uid != os.geteuid():
+            raise UntrustedError(
+                f"the control socket {path} is served by pid {peer.pid} of uid {peer.uid}, "
+                f"not by us (uid {os.geteuid()}): refusing to believe its answer"
+            )
         sock.sendall(json.dumps({"cmd": cmd, **extra}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -185,6 +259,8 @@ def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) 
                 raise ControlError("answer too large")
     except TimeoutError as exc:
         raise ControlError(f"{cmd}: no answer from {path} within {timeout}s") from exc
+    except (PeerDeniedError, UntrustedError):
+        raise
     except OSError as exc:
         raise ControlError(f"{cmd}: {exc}") from exc
     finally:
@@ -197,4 +273,6 @@ def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) 
         raise ControlError(f"{cmd}: garbled answer") from exc
     if not isinstance(answer, dict):
         raise ControlError(f"{cmd}: garbled answer")
+    if answer.get("refused") is True:
+        raise PeerDeniedError(f"{path}: {answer.get('message')}")
     return answer
