@@ -5,11 +5,15 @@ failure (issue 13, items G, H, I and L)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from conftest import Procs, wait_for
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -102,3 +106,58 @@ def test_grace_zero_is_still_allowed() -> None:
     only for other reasons (here: nothing to listen on)."""
     result = nodrop("run", "--ready-grace", "0", "--", "true")
     assert "nothing to listen on" in one_line_error(result, "nodrop run: ")
+
+
+def test_relative_unix_listener_is_absolute_and_removed_at_exit(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """J: `unix:relative.sock` was bound in the cwd and left behind at exit."""
+    work = tmp_path / "work"
+    work.mkdir()
+    control = str(tmp_path / "c.sock")
+    proc = procs.popen(
+        [
+            sys.executable,
+            "-m",
+            "nodrop",
+            "run",
+            "--control",
+            control,
+            "--listen",
+            "unix:rel.sock",
+            "--listen",
+            f"unix:{tmp_path}/replaced.sock",
+            "--ready",
+            "delay:0.1",
+            "--",
+            "sleep",
+            "60",
+        ],
+        cwd=work,
+        env=dict(os.environ, PYTHONPATH=SRC),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    status = wait_for(lambda: _status(control), timeout=30, what="the supervisor serving")
+    identities = [item["identity"] for item in status["listeners"]]
+    assert f"unix/stream {work}/rel.sock (listening)" in identities, identities
+    assert (work / "rel.sock").is_socket()
+    # Someone else's socket now sits at the second path: it must survive our exit.
+    (tmp_path / "replaced.sock").unlink()
+    with socket.socket(socket.AF_UNIX) as theirs:
+        theirs.bind(str(tmp_path / "replaced.sock"))
+        assert nodrop("stop", "--control", control).returncode == 0
+        assert proc.wait(timeout=30) == 0
+    assert not (work / "rel.sock").exists()
+    assert (tmp_path / "replaced.sock").is_socket()
+
+
+def _status(control: str) -> dict[str, Any] | None:
+    from nodrop.errors import ControlError
+    from nodrop.supervisor.control import request
+
+    try:
+        answer = request(control, "status", timeout=5)
+    except ControlError:
+        return None
+    return answer if answer.get("active_generation") else None

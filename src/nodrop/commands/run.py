@@ -166,7 +166,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
         command = command[1:]
     values: dict[str, Any] = {
         "command": tuple(command) or None,
-        "listen": tuple(parse_spec(s) for s in args.listen) if args.listen else None,
+        "listen": tuple(parse_spec(s, os.getcwd()) for s in args.listen) if args.listen else None,
         "workers": args.workers,
         "ready": parse_ready(args.ready) if args.ready else None,
         "ready_timeout": args.ready_timeout,

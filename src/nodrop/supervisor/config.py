@@ -188,7 +188,7 @@ def parse_config_text(text: str, source: str = "config") -> dict[str, Any]:
         if "listen" in data:
             specs = _expect("listen", data["listen"], list, "a list of listener specs")
             out["listen"] = tuple(
-                parse_spec(_expect("listen", s, str, "a spec string")) for s in specs
+                parse_spec(_expect("listen", s, str, "a spec string"), os.getcwd()) for s in specs
             )
         if "workers" in data:
             out["workers"] = _expect("workers", data["workers"], int, "a whole number")
