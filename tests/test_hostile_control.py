@@ -7,17 +7,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import CHILDREN, Procs, wait_for
-from supervisor_harness import start
+from nodrop.supervisor.control import MAX_READING, READ_TIMEOUT
+from supervisor_harness import Supervised, http_get, start
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 PYTHON = "/usr/bin/python3"  # a python every uid can run (the venv's may sit under /root)
@@ -342,3 +345,52 @@ def test_a_control_path_too_long_for_af_unix_is_one_line(tmp_path: Path) -> None
     env["XDG_RUNTIME_DIR"] = str(deep)
     result = nodrop("run", "--listen", "tcp://127.0.0.1:0", "--", "true", env=env)
     assert "at most 107 bytes" in error_line(result, f"nodrop run: control socket path {deep}")
+
+
+# -- K: half-written requests ------------------------------------------------------------
+
+
+def open_fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_half_written_requests_are_bounded_and_time_out(
+    supervise: Callable[..., Supervised],
+) -> None:
+    """K: 2,000 half-written requests held 2,000 fds in the supervisor for ever.
+    Now at most MAX_READING wait, each for READ_TIMEOUT; real clients and the
+    serving generation are unaffected."""
+    sup = supervise("--listen", "tcp://127.0.0.1:0")
+    port = sup.port()
+    before = open_fd_count(sup.proc.pid)
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            flood.append(conn)
+            conn.setblocking(True)  # waits while the listen backlog is full (AF_UNIX)
+            conn.connect(sup.control)
+            conn.sendall(b'{"cmd": "rel')  # and never the rest
+        # A real client, queued behind the whole flood, is answered...
+        assert sup.status()["active_generation"] == 1
+        assert sup.cli("status").returncode == 0
+        # ...the supervisor holds no more than its bound of them...
+        held = open_fd_count(sup.proc.pid) - before
+        assert held <= MAX_READING + 8, f"{held} more fds than before the flood"
+        # ...the serving generation serves...
+        assert http_get(port).startswith("gen=1")
+        # ...and the ones it kept are closed once their deadline passes.
+        last = flood[-1]
+        last.settimeout(READ_TIMEOUT + 10)
+        started = time.monotonic()
+        assert last.recv(100) == b""
+        assert time.monotonic() - started <= READ_TIMEOUT + 5
+        wait_for(
+            lambda: open_fd_count(sup.proc.pid) <= before,
+            timeout=READ_TIMEOUT + 10,
+            what="the supervisor's fds back to where they were",
+        )
+    finally:
+        for conn in flood:
+            conn.close()
+    assert sup.reload()["ok"] is True

@@ -31,6 +31,14 @@ from nodrop.supervisor.controldir import (
 )
 
 MAX_REQUEST = 64 * 1024
+READ_TIMEOUT = 5.0
+"""Seconds a client has, once connected, to send its one-line request."""
+MAX_READING = 32
+"""Connections still sending their request; past it the oldest is dropped, so a
+flood of silent or half-written requests never locks a real client out."""
+MAX_CONNECTIONS = 256
+"""Connections at once (requests waiting on a reload included); past it a new
+one is told "busy" and closed."""
 AF_UNIX_PATH_MAX = 107
 """Bytes in a Unix socket path (``sun_path`` holds 108 with the trailing NUL)."""
 COMMANDS = ("reload", "status", "stop", "reexec")
@@ -152,16 +160,36 @@ def _bind(path: str) -> socket.socket:
 
 
 class ControlServer:
-    """Serves the control socket on the supervisor's event loop."""
+    """Serves the control socket on the supervisor's event loop.
+
+    Every connection is bounded: a peer of another uid is refused at once;
+    a request must arrive within ``read_timeout``; at most ``max_reading``
+    connections may be sending their request (the oldest is dropped past
+    it) and ``max_connections`` be open in all.
+    """
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, allowed_uids: Collection[int] | None = None
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        allowed_uids: Collection[int] | None = None,
+        *,
+        read_timeout: float = READ_TIMEOUT,
+        max_reading: int = MAX_READING,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.sock = sock
         self._handler = handler
         self._allowed = allowed_uids
+        self._read_timeout = read_timeout
+        self._max_reading = max_reading
+        self._max_connections = max_connections
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._reading: dict[asyncio.Task[None], None] = {}  # insertion order: oldest first
+        self._evicted: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+        """Connections closed for a missed deadline, eviction or "busy"."""
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(
@@ -170,10 +198,14 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         try:
+            if len(self._handlers) > self._max_connections:
+                self.dropped += 1
+                await _reply(writer, {"ok": False, "message": "busy: too many control connections"})
+                return
             peer = writer.get_extra_info("socket")
             try:
                 check_peer(peer, self._allowed)
@@ -182,9 +214,11 @@ class ControlServer:
                 await _reply(writer, {"ok": False, "refused": True, "message": str(exc)})
                 return
             try:
-                line = await reader.readline()
+                line = await self._read_request(task, reader)
+                if line is None:
+                    return
                 request = parse_request(line)
-            except (ValueError, ControlError) as exc:  # ValueError: line over the limit
+            except (ValueError, ControlError) as exc:  # ValueError: a line over the limit
                 await _reply(writer, {"ok": False, "message": f"bad request: {exc}"})
                 return
             reply = await self._handler(request)
@@ -195,6 +229,33 @@ class ControlServer:
             pass
         finally:
             writer.close()
+
+    async def _read_request(
+        self, task: asyncio.Task[None], reader: asyncio.StreamReader
+    ) -> bytes | None:
+        """The request line, or None if the peer missed its deadline or was
+        evicted by newer connections."""
+        self._reading[task] = None
+        while len(self._reading) > self._max_reading:
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            self._evicted.add(oldest)
+            oldest.cancel()
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                return await reader.readline()
+        except TimeoutError:
+            self.dropped += 1
+            return None
+        except asyncio.CancelledError:
+            if task not in self._evicted:
+                raise  # shutting down
+            self._evicted.discard(task)
+            task.uncancel()
+            self.dropped += 1
+            return None
+        finally:
+            self._reading.pop(task, None)
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """Stop accepting, let answers being written finish, then close."""
