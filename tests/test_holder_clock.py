@@ -23,7 +23,7 @@ import pytest
 
 from nodrop.fdwire import Channel, connect
 from nodrop.holder import client
-from nodrop.holder.config import EMPTY_GRACE, HolderConfig
+from nodrop.holder.config import DEFAULT_FIRST_MESSAGE_TIMEOUT, EMPTY_GRACE, HolderConfig
 from nodrop.holder.daemon import Holder
 from nodrop.testing import FakeClock
 
@@ -143,6 +143,9 @@ def test_each_deposit_keeps_its_own_ttl(driven: Driven) -> None:
 
 def test_an_idle_connection_is_closed_at_the_idle_timeout(driven: Driven) -> None:
     with peer(driven) as channel:
+        channel.send({"op": "list"})  # it spoke: the idle timeout applies from here
+        driven.turn()
+        assert channel.recv()[0]["op"] == "ok"
         driven.clock.advance(IDLE - 0.001)
         driven.turn()
         assert len(driven.holder.peers) == 1
@@ -150,6 +153,20 @@ def test_an_idle_connection_is_closed_at_the_idle_timeout(driven: Driven) -> Non
         driven.turn()
         assert driven.holder.peers == {}
         assert channel.sock.recv(16) == b""  # closed without a word: it was idle
+
+
+def test_a_connection_that_never_speaks_is_closed_at_the_first_message_deadline(
+    driven: Driven,
+) -> None:
+    """Issue 13 D: a silent connection used to stay for the whole idle timeout."""
+    with peer(driven) as channel:
+        driven.clock.advance(DEFAULT_FIRST_MESSAGE_TIMEOUT - 0.001)
+        driven.turn()
+        assert len(driven.holder.peers) == 1
+        driven.clock.advance(0.001)
+        driven.turn()
+        assert driven.holder.peers == {}
+        assert channel.sock.recv(16) == b""
 
 
 def test_a_request_restarts_the_idle_timeout(driven: Driven) -> None:

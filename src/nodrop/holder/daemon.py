@@ -209,12 +209,21 @@ class Holder:
                 self.log(f"nodrop hold: denied: {exc}")
                 refuse(conn, str(exc))
                 continue
-            if len(self.peers) >= self.config.max_peers:
+            if len(self.peers) >= self.config.max_peers and not self._evict_silent():
                 refuse(conn, "holder busy: too many connections")
                 continue
-            peer = Peer(conn, creds, self.clock() + self.config.idle_timeout)
+            peer = Peer(conn, creds, self.clock() + self.config.first_message_timeout)
             self.peers[conn.fileno()] = peer
             self._selector.register(conn, selectors.EVENT_READ, "peer")
+
+    def _evict_silent(self) -> bool:
+        """Drop the oldest connection that has not sent a message yet (dicts keep
+        insertion order: the first found is the oldest). False if none."""
+        for peer in self.peers.values():
+            if not peer.spoke and peer.state is PeerState.IDLE:
+                self._drop(peer)  # quietly: a flood must not flood the log too
+                return True
+        return False
 
     def _drop(self, peer: Peer, reason: str | None = None) -> None:
         """Forget a peer: its half-received fds are closed, its pending claim
@@ -267,6 +276,7 @@ class Holder:
 
     def _handle(self, peer: Peer, data: bytes, fds: list[int]) -> None:
         """One message from a peer. Raises to drop the peer (fds handled here)."""
+        peer.spoke = True
         peer.deadline = self.clock() + self.config.peer_timeout
         if peer.state is PeerState.RECEIVING:
             self._deposit_chunk(peer, data, fds)
