@@ -228,3 +228,21 @@ def test_an_on_demand_holder_exits_when_its_last_socket_expires(tmp_path: Path) 
         assert driven.log().endswith("nothing held; exiting")
     finally:
         driven.close()
+
+
+def test_bad_fdstore_datagrams_are_logged_at_a_bounded_rate(tmp_path: Path) -> None:
+    """Issue 13 F, for the holder's fd store: one line per datagram was a log flood."""
+    fdstore = str(tmp_path / "run" / "fdstore.sock")
+    driven = Driven(tmp_path, fdstore_path=fdstore)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            for _ in range(5):  # in bursts: a Unix datagram queue holds 10 (max_dgram_qlen)
+                for _ in range(8):
+                    sender.sendto(b"FDSTOREREMOVE=1", fdstore)  # no FDNAME=: refused
+                driven.turn()
+            assert driven.log().count("FDSTOREREMOVE=1 needs FDNAME=") == 1, driven.log()
+            driven.clock.advance(10)
+            driven.turn()
+            assert "39 more bad fdstore datagrams in the last 10s" in driven.log(), driven.log()
+    finally:
+        driven.close()

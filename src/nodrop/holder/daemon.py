@@ -47,6 +47,7 @@ from nodrop.kernel.fdpass import (
     recv_with_fds,
     send_with_fds,
 )
+from nodrop.lograte import WindowedLog
 from nodrop.systemd.receiver import NotifyReceiver
 
 
@@ -78,6 +79,7 @@ class Holder:
         self._listener: socket.socket | None = None
         self._fdstore: NotifyReceiver | None = None
         self._selector = selectors.DefaultSelector()
+        self._fdstore_garbage = WindowedLog(log, "bad fdstore datagrams")
         self._stopping = False
         self._started = clock()
         # stop() may run in a signal handler: a byte on this pipe wakes the
@@ -409,6 +411,7 @@ class Holder:
 
     # -- expiry ---------------------------------------------------------------
     def _expire(self, now: float) -> None:
+        self._fdstore_garbage.tick(now)
         gone = self.store.discard(self.store.expired(now))
         if gone:
             self.log(f"nodrop hold: expired, closed {len(gone)} socket(s): {summary(gone)}")
@@ -426,7 +429,7 @@ class Holder:
             try:
                 note = self._fdstore.receive()
             except ProtocolError as exc:
-                self.log(f"nodrop hold: fdstore: {exc}")
+                self._fdstore_garbage.report(f"nodrop hold: fdstore: {exc}", self.clock())
                 continue
             except OSError as exc:
                 self.log(f"nodrop hold: fdstore: {exc.strerror or exc}")
@@ -436,7 +439,9 @@ class Holder:
             try:
                 store_datagram(self.store, self.config, self.clock(), self.log, note)
             except NodropError as exc:
-                self.log(f"nodrop hold: fdstore: pid {note.pid}: {exc}")
+                self._fdstore_garbage.report(
+                    f"nodrop hold: fdstore: pid {note.pid}: {exc}", self.clock()
+                )
             finally:
                 note.close_fds()
 

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TextIO
 
 from nodrop.errors import NodropError
+from nodrop.lograte import RateLimitedLog
 from nodrop.supervisor import api
 from nodrop.supervisor import reexec as carry
 from nodrop.supervisor.config import (
@@ -47,7 +48,6 @@ from nodrop.supervisor.eventlog import EventLog
 from nodrop.supervisor.generations import GenerationSet
 from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers, lost_is_known
-from nodrop.supervisor.lograte import RateLimitedLog
 from nodrop.supervisor.metrics import Metrics
 from nodrop.supervisor.metrics_http import MetricsServer
 from nodrop.supervisor.model import Generation, ReloadOutcome, Worker

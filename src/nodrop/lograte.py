@@ -60,3 +60,40 @@ class RateLimitedLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class WindowedLog:
+    """The same, for a loop that is not asyncio (the holder): the caller
+    passes the time, and calls :meth:`tick` to have a due summary written."""
+
+    def __init__(
+        self, log: Callable[[str], None], what: str, interval: float = DEFAULT_INTERVAL
+    ) -> None:
+        self._log = log
+        self._what = what
+        self._interval = interval
+        self._window_end: float | None = None
+        self._suppressed = 0
+        self._last = ""
+
+    def report(self, line: str, now: float) -> None:
+        self.tick(now)
+        if self._window_end is None:
+            self._log(line)
+            self._window_end = now + self._interval
+            return
+        self._suppressed += 1
+        self._last = line
+
+    def tick(self, now: float) -> None:
+        """Write the summary of a window that has ended."""
+        if self._window_end is None or now < self._window_end:
+            return
+        if self._suppressed:
+            self._log(
+                f"{self._suppressed} more {self._what} in the last {self._interval:g}s "
+                f"(the last: {self._last})"
+            )
+        self._window_end = None
+        self._suppressed = 0
+        self._last = ""
