@@ -4,6 +4,7 @@ only the CLI and the sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -394,3 +396,49 @@ def test_half_written_requests_are_bounded_and_time_out(
         for conn in flood:
             conn.close()
     assert sup.reload()["ok"] is True
+
+
+def test_a_full_control_socket_answers_busy_which_is_an_error_not_a_rollback(
+    tmp_path: Path,
+) -> None:
+    """Past max_connections a client is told "busy": `nodrop reload` then exits 2
+    (try again), never 1 (the code of a rollback)."""
+    from nodrop.errors import ControlError
+    from nodrop.supervisor.api import Reply
+    from nodrop.supervisor.control import ControlServer, bind_control, request
+
+    path = str(tmp_path / "c.sock")
+
+    async def handler(_request: object) -> Reply:
+        return Reply({"ok": True, "message": "fine"})
+
+    async def scenario() -> None:
+        server = ControlServer(bind_control(path), handler, max_connections=2, read_timeout=30)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        try:
+            for conn in silent:
+                conn.connect(path)
+            with pytest.raises(ControlError, match="busy: too many control connections"):
+                await loop.run_in_executor(None, lambda: request(path, "status", timeout=10))
+            for conn in silent:
+                conn.close()
+
+            def answered() -> dict[str, Any] | None:
+                try:
+                    return request(path, "status", timeout=10)
+                except ControlError:
+                    return None  # the closed ones may not be noticed yet: busy
+
+            # Once the silent ones are gone, the socket answers again.
+            answer = await loop.run_in_executor(
+                None, lambda: wait_for(answered, timeout=10, what="an answer")
+            )
+            assert answer["message"] == "fine"
+        finally:
+            for conn in silent:
+                conn.close()
+            await server.aclose()
+
+    asyncio.run(scenario())

@@ -204,7 +204,10 @@ class ControlServer:
         try:
             if len(self._handlers) > self._max_connections:
                 self.dropped += 1
-                await _reply(writer, {"ok": False, "message": "busy: too many control connections"})
+                await _reply(
+                    writer,
+                    {"ok": False, "busy": True, "message": "busy: too many control connections"},
+                )
                 return
             peer = writer.get_extra_info("socket")
             try:
@@ -336,4 +339,6 @@ def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) 
         raise ControlError(f"{cmd}: garbled answer")
     if answer.get("refused") is True:
         raise PeerDeniedError(f"{path}: {answer.get('message')}")
+    if answer.get("busy") is True:  # an error (exit 2), not a rollback (exit 1)
+        raise ControlError(f"{cmd}: {path}: {answer.get('message')}; try again")
     return answer
