@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Coverage-guided fuzzing of nodrop's wire parsers with atheris (libFuzzer).
 
-usage: python benchmarks/fuzz.py TARGET [--runs N | --max-time S] [--no-save] [--merge]
+usage: python benchmarks/fuzz.py TARGET [--runs N | --max-time S] [--no-save]
        python benchmarks/fuzz.py --list
 
 TARGET is one of nodrop.testing.fuzz.TARGETS: control_request,
@@ -12,9 +12,8 @@ benchmarks/fuzz_corpus/crashes/ with the input that caused it.
 
 The corpus lives in benchmarks/fuzz_corpus/TARGET/ and is kept in the
 repository: inputs that reach new code are added to it (unless --no-save,
-which fuzzes a temporary copy); --merge rewrites it to the smallest set
-with the same coverage. tests/test_fuzz.py replays it and runs a short
-smoke run of every target.
+which fuzzes a temporary copy). tests/test_fuzz.py replays it and runs a
+short smoke run of every target.
 
 Needs atheris (`pip install atheris`, in the test extra).
 """
@@ -45,7 +44,6 @@ def main() -> int:
     parser.add_argument("--runs", type=int, help="stop after N inputs")
     parser.add_argument("--max-time", type=int, help="stop after S seconds")
     parser.add_argument("--no-save", action="store_true", help="fuzz a copy of the corpus")
-    parser.add_argument("--merge", action="store_true", help="minimise the corpus in place")
     parser.add_argument("--work", help=argparse.SUPPRESS)  # set for the child (see below)
     args = parser.parse_args()
     if args.list or args.target is None:
@@ -56,13 +54,7 @@ def main() -> int:
         # the fuzzing runs in a child, and this process cleans up after it.
         work = tempfile.mkdtemp(prefix=f"nodrop-fuzz-{args.target}-")
         try:
-            code = subprocess.call([sys.executable, *sys.argv, "--work", work])
-            if args.merge and code == 0:
-                corpus = os.path.join(CORPUS, args.target)
-                shutil.rmtree(corpus)
-                shutil.copytree(os.path.join(work, "merged"), corpus)
-                print(f"{args.target}: {len(os.listdir(corpus))} inputs after the merge")
-            return code
+            return subprocess.call([sys.executable, *sys.argv, "--work", work])
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return fuzz(args)
@@ -79,11 +71,7 @@ def fuzz(args: argparse.Namespace) -> int:
         libfuzzer.append(f"-runs={args.runs}")
     if args.max_time is not None:
         libfuzzer.append(f"-max_total_time={args.max_time}")
-    if args.merge:
-        merged = os.path.join(args.work, "merged")
-        os.mkdir(merged)
-        libfuzzer += ["-merge=1", merged, corpus]
-    elif args.no_save:
+    if args.no_save:
         copy = os.path.join(args.work, "corpus")
         shutil.copytree(corpus, copy)
         libfuzzer.append(copy)
