@@ -31,15 +31,20 @@ BY_GENERATION = (
     f'if [ "$NODROP_GENERATION" = 1 ]; then exec {sys.executable} -S {SERVER}; '
     f"else exec {sys.executable} -S {SERVER} --never-ready; fi"
 )
-# The worker is a shell; the server, its child, says READY=1 (as gunicorn's
-# workers do for their arbiter).
-ADOPT_LISTEN_FDS = (
-    "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
-    "os.execv(sys.executable, [sys.executable, '-S', sys.argv[1]])"
+# The worker is a small parent; the server, its child, says READY=1 (as
+# gunicorn's workers do for their arbiter). The parent passes SIGTERM on.
+CHILD_SAYS_READY = f"""
+import os, signal, subprocess, sys
+os.set_inheritable(3, True)
+child = subprocess.Popen(
+    [sys.executable, "-S", "-c",
+     "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+     "os.execv(sys.executable, [sys.executable, '-S', sys.argv[1]])", {str(SERVER)!r}],
+    pass_fds=(3,),
 )
-CHILD_SAYS_READY = (
-    f'trap "kill $!" TERM; {sys.executable} -S -c "{ADOPT_LISTEN_FDS}" {SERVER} & wait'
-)
+signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+sys.exit(child.wait())
+"""
 
 IMPOSTOR = """
 import os, socket, sys
@@ -134,14 +139,15 @@ def test_a_workers_child_may_say_ready(procs: Procs, tmp_path: Path) -> None:
         "--drain-timeout",
         "5",
         "--",
-        "/bin/sh",
+        sys.executable,
+        "-S",
         "-c",
         CHILD_SAYS_READY,
     )
     try:
         assert sup.reload()["ok"] is True
         port = sup.port()
-        # The old shell has exited; its server child may take a moment more.
+        # The old parent has exited; its server child may take a moment more.
         wait_for(lambda: http_get(port).startswith("gen=2"), timeout=20, what="generation 2")
     finally:
         sup.stop()
