@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, cast
 
@@ -36,6 +37,8 @@ READ_TIMEOUT = 5.0
 MAX_READING = 32
 """Connections still sending their request; past it the oldest is dropped, so a
 flood of silent or half-written requests never locks a real client out."""
+CONNECT_WAIT = 30.0
+"""Seconds a client without a timeout waits for room in a full listen backlog."""
 MAX_CONNECTIONS = 256
 """Connections at once (requests waiting on a reload included); past it a new
 one is told "busy" and closed."""
@@ -279,6 +282,21 @@ async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None
     await writer.drain()
 
 
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """``connect``, waiting while the listen backlog is full: on a socket with a
+    timeout, ``AF_UNIX`` says EAGAIN at once instead of waiting (a flood of
+    other clients must delay us, not fail us)."""
+    deadline = time.monotonic() + (CONNECT_WAIT if timeout is None else timeout)
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{path}: its listen backlog stayed full") from None
+            time.sleep(0.01)
+
+
 def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) -> dict[str, Any]:
     """Send one command to a supervisor and return its answer.
 
@@ -298,7 +316,7 @@ def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) 
     try:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            _connect(sock, path, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise ControlError(
                 f"no supervisor answers on {path} ({exc.strerror}); is `nodrop run` running, "
