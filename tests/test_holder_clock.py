@@ -23,7 +23,7 @@ import pytest
 
 from nodrop.fdwire import Channel, connect
 from nodrop.holder import client
-from nodrop.holder.config import EMPTY_GRACE, HolderConfig
+from nodrop.holder.config import DEFAULT_FIRST_MESSAGE_TIMEOUT, EMPTY_GRACE, HolderConfig
 from nodrop.holder.daemon import Holder
 from nodrop.testing import FakeClock
 
@@ -143,6 +143,9 @@ def test_each_deposit_keeps_its_own_ttl(driven: Driven) -> None:
 
 def test_an_idle_connection_is_closed_at_the_idle_timeout(driven: Driven) -> None:
     with peer(driven) as channel:
+        channel.send({"op": "list"})  # it spoke: the idle timeout applies from here
+        driven.turn()
+        assert channel.recv()[0]["op"] == "ok"
         driven.clock.advance(IDLE - 0.001)
         driven.turn()
         assert len(driven.holder.peers) == 1
@@ -150,6 +153,20 @@ def test_an_idle_connection_is_closed_at_the_idle_timeout(driven: Driven) -> Non
         driven.turn()
         assert driven.holder.peers == {}
         assert channel.sock.recv(16) == b""  # closed without a word: it was idle
+
+
+def test_a_connection_that_never_speaks_is_closed_at_the_first_message_deadline(
+    driven: Driven,
+) -> None:
+    """Issue 13 D: a silent connection used to stay for the whole idle timeout."""
+    with peer(driven) as channel:
+        driven.clock.advance(DEFAULT_FIRST_MESSAGE_TIMEOUT - 0.001)
+        driven.turn()
+        assert len(driven.holder.peers) == 1
+        driven.clock.advance(0.001)
+        driven.turn()
+        assert driven.holder.peers == {}
+        assert channel.sock.recv(16) == b""
 
 
 def test_a_request_restarts_the_idle_timeout(driven: Driven) -> None:
@@ -209,5 +226,23 @@ def test_an_on_demand_holder_exits_when_its_last_socket_expires(tmp_path: Path) 
         driven.holder.serve()  # expires it, then finds nothing held
         assert "expired, closed 1 socket(s)" in driven.log()
         assert driven.log().endswith("nothing held; exiting")
+    finally:
+        driven.close()
+
+
+def test_bad_fdstore_datagrams_are_logged_at_a_bounded_rate(tmp_path: Path) -> None:
+    """Issue 13 F, for the holder's fd store: one line per datagram was a log flood."""
+    fdstore = str(tmp_path / "run" / "fdstore.sock")
+    driven = Driven(tmp_path, fdstore_path=fdstore)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            for _ in range(5):  # in bursts: a Unix datagram queue holds 10 (max_dgram_qlen)
+                for _ in range(8):
+                    sender.sendto(b"FDSTOREREMOVE=1", fdstore)  # no FDNAME=: refused
+                driven.turn()
+            assert driven.log().count("FDSTOREREMOVE=1 needs FDNAME=") == 1, driven.log()
+            driven.clock.advance(10)
+            driven.turn()
+            assert "39 more bad fdstore datagrams in the last 10s" in driven.log(), driven.log()
     finally:
         driven.close()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,9 +81,13 @@ def start(procs: Procs, tmp_path: Path, env: dict[str, str], label: str, *args: 
 
 
 @pytest.mark.slow
-def test_two_apps_need_no_control_flag(procs: Procs, tmp_path: Path) -> None:
-    runtime = tmp_path / "xdg"
-    runtime.mkdir(mode=0o700)
+def test_two_apps_need_no_control_flag(
+    procs: Procs, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # A short runtime dir: under a deep checkout (CI clones to /check/work/main)
+    # tmp_path/xdg/nodrop/NAME.sock can pass the 107-byte AF_UNIX limit.
+    runtime = Path(tempfile.mkdtemp(prefix="xdg-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(runtime, ignore_errors=True))
     env = {k: v for k, v in os.environ.items() if k != "NODROP_CONTROL"}
     env.update(XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=os.pathsep.join(sys.path))
     web = start(procs, tmp_path, env, "web", "--name", "web", "--listen", "tcp://127.0.0.1:0")

@@ -32,7 +32,7 @@ VALID = [
     ("udp://[::1]:65535", ListenerSpec(UDP, host="::1", port=65535)),
     ("unix:/run/app.sock", ListenerSpec(UNIX, path="/run/app.sock")),
     ("unix:///run/app.sock", ListenerSpec(UNIX, path="/run/app.sock")),
-    ("unix:relative.sock", ListenerSpec(UNIX, path="relative.sock")),
+    ("unix:relative.sock", ListenerSpec(UNIX, path="relative.sock")),  # no cwd: as written
     ("unix:@abstract-name", ListenerSpec(UNIX, abstract="abstract-name")),
     (
         "tcp://127.0.0.1:8000?name=web&backlog=4096&reuseport=1&fastopen=256&defer_accept=1",
@@ -174,3 +174,13 @@ def test_format_round_trips(port: int, backlog: int, reuseport: bool, name: str,
 def test_parser_never_crashes(text: str) -> None:
     with contextlib.suppress(SpecError):
         parse_spec(text)
+
+
+def test_relative_unix_path_is_made_absolute_against_the_given_cwd() -> None:
+    """J: the command line resolves `unix:relative.sock` at parse time."""
+    assert parse_spec("unix:run/app.sock", "/srv/x").path == "/srv/x/run/app.sock"
+    assert parse_spec("unix:../app.sock", "/srv/x").path == "/srv/app.sock"
+    assert parse_spec("unix:/abs.sock", "/srv/x").path == "/abs.sock"
+    assert parse_spec("unix:@name", "/srv/x").abstract == "name"
+    with pytest.raises(SpecError, match="longer than"):
+        parse_spec("unix:a.sock", "/" + "d" * 120)

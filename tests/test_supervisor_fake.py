@@ -498,3 +498,20 @@ async def test_stop_drains_every_generation_and_kills_the_stubborn_at_the_timeou
         assert second.signals == [TERM]
         assert second.exit_code == 0
         assert h.sup.gens.running == 0
+
+
+# -- who may speak for a worker (issue 13 F) --------------------------------------------
+
+
+@virtual
+async def test_a_workers_descendant_may_say_ready_and_no_other_process(tmp_path: Path) -> None:
+    async with supervising(tmp_path, config(ready_grace=0), start=False) as h:
+        worker = await h.spawned(1)
+        stranger, grandchild = 900_001, 900_003
+        h.fake.parents.update({900_002: worker.pid, grandchild: 900_002, stranger: 1})
+        assert h.sup.gens.notified(Notification(stranger, 0, 0, {"READY": "1"})) is False
+        await asyncio.sleep(1)
+        assert h.sup.active is None  # a stranger's READY=1 counts for nothing
+        assert h.sup.gens.notified(Notification(grandchild, 0, 0, {"READY": "1"})) is True
+        await h.service_note("READY")
+        assert h.sup.status()["active_generation"] == 1

@@ -54,6 +54,12 @@ class PeerDeniedError(NodropError, PermissionError):
     """The peer on a Unix socket is not allowed (SO_PEERCRED check failed)."""
 
 
+class UntrustedError(NodropError, PermissionError):
+    """A path nodrop would rely on is not ours: a control directory owned by
+    another uid, a symlink, or writable by others; or a control socket served
+    by another uid."""
+
+
 class ConfigError(NodropError, ValueError):
     """A configuration file or command line is invalid."""
 

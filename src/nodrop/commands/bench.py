@@ -7,6 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from nodrop.commands._numbers import positive_seconds, seconds
 from nodrop.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--settle",
-        type=float,
+        type=seconds,
         default=0.0,
         metavar="S",
         help="with --reload-cmd: count S seconds after the command into the reload window",
@@ -81,7 +82,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--duration",
         "-d",
-        type=float,
+        type=positive_seconds,
         default=20.0,
         metavar="S",
         help="seconds of load (default 20)",
@@ -95,7 +96,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--every",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="seconds between reloads (default: spread over the run)",
     )
@@ -104,7 +105,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=5.0,
         metavar="S",
         help="deadline of one request (default 5)",

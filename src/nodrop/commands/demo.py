@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from nodrop.commands._numbers import positive_seconds
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -23,7 +25,11 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument(
-        "--duration", type=float, default=20.0, metavar="S", help="seconds of load (default 20)"
+        "--duration",
+        type=positive_seconds,
+        default=20.0,
+        metavar="S",
+        help="seconds of load (default 20)",
     )
     parser.add_argument(
         "--reloads", type=int, default=10, help="reloads during the run (default 10)"

@@ -14,6 +14,7 @@ import shutil
 import sys
 from typing import Any
 
+from nodrop.commands._numbers import positive_seconds
 from nodrop.systemd.activation import SD_LISTEN_FDS_START, activation_env
 from nodrop.systemd.spawn import close_strays_on_exec
 
@@ -36,7 +37,9 @@ def register(subparsers: Any) -> None:
         "--listen", action="append", default=[], metavar="SPEC", help="a listener (repeatable)"
     )
     parser.add_argument("--names", default=None, help="claim these names (a,b,...)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="holder deadline, seconds")
+    parser.add_argument(
+        "--timeout", type=positive_seconds, default=10.0, help="holder deadline, seconds"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     parser.set_defaults(func=run)
 

@@ -7,6 +7,8 @@ import errno
 import signal
 from typing import Any
 
+from nodrop.commands._numbers import positive_seconds
+
 
 def _mode(text: str) -> int:
     try:
@@ -15,16 +17,6 @@ def _mode(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from exc
     if not 0 <= value <= 0o777:
         raise argparse.ArgumentTypeError(f"{text!r} is not a file mode")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from exc
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
     return value
 
 
@@ -59,10 +51,10 @@ def register(subparsers: Any) -> None:
         help="accept an @abstract path (it has no file permissions; only the uid check)",
     )
     parser.add_argument(
-        "--ttl", type=_seconds, default=None, help="default time-to-live, seconds (30)"
+        "--ttl", type=positive_seconds, default=None, help="default time-to-live, seconds (30)"
     )
     parser.add_argument(
-        "--ttl-max", type=_seconds, default=None, help="longest time-to-live granted (3600)"
+        "--ttl-max", type=positive_seconds, default=None, help="longest time-to-live granted (3600)"
     )
     parser.add_argument(
         "--max-held", type=int, default=None, help="most sockets held at once (4096)"

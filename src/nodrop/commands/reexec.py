@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from nodrop.commands._control import add_control_argument, control_path
+from nodrop.commands._numbers import positive_seconds
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +22,7 @@ def register(subparsers: Any) -> None:
         ),
     )
     add_control_argument(parser)
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    parser.add_argument("--timeout", type=positive_seconds, default=60.0, metavar="S")
     parser.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from nodrop.commands._control import add_control_argument, control_path
+from nodrop.commands._numbers import positive_seconds
 
 
 def register(subparsers: Any) -> None:
@@ -37,7 +38,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=600.0,
         metavar="S",
         help="give up waiting after S seconds (exit 2; the reload goes on)",

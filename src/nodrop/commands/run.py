@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from nodrop.commands._numbers import positive_seconds, seconds
 from nodrop.errors import ConfigError
 
 HELP = """\
@@ -64,20 +65,20 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--ready-timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="roll back a generation not ready within S seconds (default 30)",
     )
     parser.add_argument(
         "--ready-grace",
-        type=float,
+        type=seconds,
         metavar="S",
         help="new workers must stay up S seconds after READY=1 before the old generation "
         "drains; a crash in that window rolls back (default 0.5)",
     )
     parser.add_argument(
         "--drain-timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="SIGKILL an old generation still running S seconds after the drain signal (default 30)",
     )
@@ -165,7 +166,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
         command = command[1:]
     values: dict[str, Any] = {
         "command": tuple(command) or None,
-        "listen": tuple(parse_spec(s) for s in args.listen) if args.listen else None,
+        "listen": tuple(parse_spec(s, os.getcwd()) for s in args.listen) if args.listen else None,
         "workers": args.workers,
         "ready": parse_ready(args.ready) if args.ready else None,
         "ready_timeout": args.ready_timeout,
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.connhandoff.broker import ConnectionBroker
     from nodrop.listeners.held import HeldSocket
     from nodrop.supervisor.config import config_from_dict, load_config
-    from nodrop.supervisor.control import default_control_path
+    from nodrop.supervisor.control import default_control_path, prepare_control_dir
     from nodrop.supervisor.discovery import check_name, derive_name
     from nodrop.supervisor.metrics_http import MetricsServer, bind_metrics
     from nodrop.supervisor.process import become_subreaper
@@ -221,11 +222,6 @@ def run(args: argparse.Namespace) -> int:
     inherited = [HeldSocket.adopt(s.socket, s.name) for s in listen_fds(unset_environment=True)]
     if not config.listen and not inherited:
         raise ConfigError("nothing to listen on: give --listen SPEC (or `listen` in the config)")
-    service_notify = os.environ.pop("NOTIFY_SOCKET", None)
-    become_subreaper()
-    listeners = make_listeners(
-        config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
-    )
     name = (
         check_name(args.name)
         if args.name
@@ -233,10 +229,17 @@ def run(args: argparse.Namespace) -> int:
             config.listen, [str(h.identity).partition(" (")[0] for h in inherited], os.getpid()
         )
     )
+    control = args.control or default_control_path(name)
+    prepare_control_dir(control)  # a bad path is refused before anything starts
+    service_notify = os.environ.pop("NOTIFY_SOCKET", None)
+    become_subreaper()
+    listeners = make_listeners(
+        config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
+    )
     supervisor = Supervisor(
         config,
         listeners,
-        control_path=args.control or default_control_path(name),
+        control_path=control,
         config_path=args.config,
         cli_values=values,
         tag_output=not args.no_tag_output,

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from nodrop.commands._control import add_control_argument, control_path
+from nodrop.commands._numbers import positive_seconds
 
 
 def register(subparsers: Any) -> None:
@@ -18,7 +19,7 @@ def register(subparsers: Any) -> None:
     add_control_argument(parser)
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=600.0,
         metavar="S",
         help="give up waiting for the answer after S seconds (exit 2; the stop goes on; "

@@ -11,7 +11,12 @@ DEFAULT_PEER_TIMEOUT = 10.0
 """Seconds a peer may take between two messages of one request."""
 DEFAULT_IDLE_TIMEOUT = 60.0
 """Seconds an idle connection is kept."""
+DEFAULT_FIRST_MESSAGE_TIMEOUT = 5.0
+"""Seconds a new connection has to send its first message."""
 DEFAULT_MAX_PEERS = 64
+"""Connections at once. Past it, the oldest that has not spoken yet is dropped
+to make room (a flood of silent connections never locks out list/claim);
+only when every connection has spoken is a new one told "holder busy"."""
 EMPTY_GRACE = 10.0
 """With ``exit_when_empty``: how long a holder that never held anything waits."""
 
@@ -33,6 +38,9 @@ class HolderConfig:
         fdstore_path: also accept systemd ``FDSTORE=1`` datagrams here.
         exit_when_empty: stop once nothing is held (for on-demand holders).
         peer_timeout: seconds allowed between messages of one request.
+        idle_timeout: seconds an idle connection that has spoken is kept.
+        first_message_timeout: seconds a new connection has to send a message.
+        max_peers: connections at once (see :data:`DEFAULT_MAX_PEERS`).
     """
 
     path: str
@@ -46,4 +54,5 @@ class HolderConfig:
     exit_when_empty: bool = False
     peer_timeout: float = DEFAULT_PEER_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    first_message_timeout: float = DEFAULT_FIRST_MESSAGE_TIMEOUT
     max_peers: int = DEFAULT_MAX_PEERS

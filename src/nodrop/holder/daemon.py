@@ -47,6 +47,7 @@ from nodrop.kernel.fdpass import (
     recv_with_fds,
     send_with_fds,
 )
+from nodrop.lograte import WindowedLog
 from nodrop.systemd.receiver import NotifyReceiver
 
 
@@ -78,6 +79,7 @@ class Holder:
         self._listener: socket.socket | None = None
         self._fdstore: NotifyReceiver | None = None
         self._selector = selectors.DefaultSelector()
+        self._fdstore_garbage = WindowedLog(log, "bad fdstore datagrams")
         self._stopping = False
         self._started = clock()
         # stop() may run in a signal handler: a byte on this pipe wakes the
@@ -209,12 +211,21 @@ class Holder:
                 self.log(f"nodrop hold: denied: {exc}")
                 refuse(conn, str(exc))
                 continue
-            if len(self.peers) >= self.config.max_peers:
+            if len(self.peers) >= self.config.max_peers and not self._evict_silent():
                 refuse(conn, "holder busy: too many connections")
                 continue
-            peer = Peer(conn, creds, self.clock() + self.config.idle_timeout)
+            peer = Peer(conn, creds, self.clock() + self.config.first_message_timeout)
             self.peers[conn.fileno()] = peer
             self._selector.register(conn, selectors.EVENT_READ, "peer")
+
+    def _evict_silent(self) -> bool:
+        """Drop the oldest connection that has not sent a message yet (dicts keep
+        insertion order: the first found is the oldest). False if none."""
+        for peer in self.peers.values():
+            if not peer.spoke and peer.state is PeerState.IDLE:
+                self._drop(peer)  # quietly: a flood must not flood the log too
+                return True
+        return False
 
     def _drop(self, peer: Peer, reason: str | None = None) -> None:
         """Forget a peer: its half-received fds are closed, its pending claim
@@ -267,6 +278,7 @@ class Holder:
 
     def _handle(self, peer: Peer, data: bytes, fds: list[int]) -> None:
         """One message from a peer. Raises to drop the peer (fds handled here)."""
+        peer.spoke = True
         peer.deadline = self.clock() + self.config.peer_timeout
         if peer.state is PeerState.RECEIVING:
             self._deposit_chunk(peer, data, fds)
@@ -399,6 +411,7 @@ class Holder:
 
     # -- expiry ---------------------------------------------------------------
     def _expire(self, now: float) -> None:
+        self._fdstore_garbage.tick(now)
         gone = self.store.discard(self.store.expired(now))
         if gone:
             self.log(f"nodrop hold: expired, closed {len(gone)} socket(s): {summary(gone)}")
@@ -416,7 +429,7 @@ class Holder:
             try:
                 note = self._fdstore.receive()
             except ProtocolError as exc:
-                self.log(f"nodrop hold: fdstore: {exc}")
+                self._fdstore_garbage.report(f"nodrop hold: fdstore: {exc}", self.clock())
                 continue
             except OSError as exc:
                 self.log(f"nodrop hold: fdstore: {exc.strerror or exc}")
@@ -426,7 +439,9 @@ class Holder:
             try:
                 store_datagram(self.store, self.config, self.clock(), self.log, note)
             except NodropError as exc:
-                self.log(f"nodrop hold: fdstore: pid {note.pid}: {exc}")
+                self._fdstore_garbage.report(
+                    f"nodrop hold: fdstore: pid {note.pid}: {exc}", self.clock()
+                )
             finally:
                 note.close_fds()
 

@@ -29,6 +29,8 @@ class Peer:
     outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
     claimed: list[Parked] = field(default_factory=list)
     close_after_flush: bool = False
+    spoke: bool = False
+    """It has sent a message: until then it is the first to go when full."""
 
     def drop_incoming(self) -> None:
         if self.incoming is not None:

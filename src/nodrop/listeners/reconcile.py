@@ -123,7 +123,7 @@ def acquire(targets: Sequence[BindTarget], held: Sequence[HeldSocket]) -> list[H
         registry.close()
         raise
     for item in removed:
-        item.sock.close()
+        item.close()
     return current
 
 
@@ -161,7 +161,7 @@ class Registry:
         the_plan = self.plan(targets)
         fresh = bind_all(the_plan.bind)
         new_by_target: dict[int, HeldSocket] = {
-            id(t): HeldSocket.adopt(s, t.name, t.spec) for t, s in fresh
+            id(t): HeldSocket.bound(s, t.name, t.spec) for t, s in fresh
         }
         for target, held in the_plan.keep:
             held.name = target.name
@@ -174,5 +174,5 @@ class Registry:
 
     def close(self) -> None:
         for held in self.sockets:
-            held.sock.close()
+            held.close()
         self.sockets = []

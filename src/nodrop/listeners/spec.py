@@ -244,11 +244,15 @@ def _parse_inet(spec: str, rest: str, transport: Transport) -> tuple[str, int]:
     return host, port
 
 
-def parse_spec(text: str) -> ListenerSpec:
+def parse_spec(text: str, cwd: str | None = None) -> ListenerSpec:
     """Parse one listener spec.
 
     Args:
         text: e.g. ``"tcp://127.0.0.1:8000?name=web&backlog=1024"``.
+        cwd: resolve a relative ``unix:`` path against this directory, so
+            that what is bound (and removed at exit, and shown by ``status``)
+            is one absolute path; the command line passes its working
+            directory. Without it the path stays as written.
 
     Returns:
         The parsed spec; host names are not resolved.
@@ -298,9 +302,10 @@ def parse_spec(text: str) -> ListenerSpec:
             if options.mode is not None or options.owner or options.group:
                 raise SpecError(text, query, "abstract sockets have no file mode or owner")
             return ListenerSpec(transport, abstract=name, options=options, text=text)
-        if len(os.fsencode(rest)) > MAX_UNIX_PATH:
-            raise SpecError(text, rest, f"socket path longer than {MAX_UNIX_PATH} bytes")
-        return ListenerSpec(transport, path=rest, options=options, text=text)
+        path = rest if cwd is None else os.path.normpath(os.path.join(cwd, rest))
+        if len(os.fsencode(path)) > MAX_UNIX_PATH:
+            raise SpecError(text, rest, f"socket path {path} longer than {MAX_UNIX_PATH} bytes")
+        return ListenerSpec(transport, path=path, options=options, text=text)
 
     host, port = _parse_inet(text, rest, transport)
     addr = _ip_literal(host)

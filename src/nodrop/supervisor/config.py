@@ -24,6 +24,7 @@ explicitly wins over the file.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import signal
 import tomllib
@@ -79,7 +80,7 @@ def parse_ready(text: str) -> Readiness:
             seconds = float(value)
         except ValueError:
             seconds = -1.0
-        if seconds >= 0:
+        if 0 <= seconds < math.inf:  # nan fails both
             return Readiness(ReadyMode.DELAY, seconds)
     raise ConfigError(f"--ready {text!r}: expected 'notify' or 'delay:SECONDS' (e.g. delay:1.5)")
 
@@ -126,11 +127,14 @@ class RunConfig:
             raise ConfigError("no command to run: give it after `--` or as `command` in the config")
         if not 1 <= self.workers <= 1024:
             raise ConfigError(f"workers must be between 1 and 1024, not {self.workers}")
+        # Written so that nan fails: every comparison with it is false.
         for name in ("ready_timeout", "drain_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive")
-        if self.ready_grace < 0:
-            raise ConfigError("ready-grace cannot be negative")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be a finite number of seconds more than 0"
+                )
+        if not 0 <= self.ready_grace < math.inf:
+            raise ConfigError("ready-grace must be a finite number of seconds, 0 or more")
         if self.max_draining < 1:
             raise ConfigError("max-draining must be at least 1")
         return self
@@ -184,7 +188,7 @@ def parse_config_text(text: str, source: str = "config") -> dict[str, Any]:
         if "listen" in data:
             specs = _expect("listen", data["listen"], list, "a list of listener specs")
             out["listen"] = tuple(
-                parse_spec(_expect("listen", s, str, "a spec string")) for s in specs
+                parse_spec(_expect("listen", s, str, "a spec string"), os.getcwd()) for s in specs
             )
         if "workers" in data:
             out["workers"] = _expect("workers", data["workers"], int, "a whole number")

@@ -17,14 +17,33 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, cast
 
-from nodrop.errors import ControlError, PeerDeniedError
-from nodrop.kernel.fdpass import check_peer
+from nodrop.errors import ControlError, PeerDeniedError, UntrustedError
+from nodrop.kernel.fdpass import check_peer, peer_credentials
 from nodrop.supervisor.api import ControlRequest, Reply
+from nodrop.supervisor.controldir import (
+    check_private_dir,
+    default_dir,
+    ensure_private_dir,
+    is_default,
+)
 
 MAX_REQUEST = 64 * 1024
+READ_TIMEOUT = 5.0
+"""Seconds a client has, once connected, to send its one-line request."""
+MAX_READING = 32
+"""Connections still sending their request; past it the oldest is dropped, so a
+flood of silent or half-written requests never locks a real client out."""
+CONNECT_WAIT = 30.0
+"""Seconds a client without a timeout waits for room in a full listen backlog."""
+MAX_CONNECTIONS = 256
+"""Connections at once (requests waiting on a reload included); past it a new
+one is told "busy" and closed."""
+AF_UNIX_PATH_MAX = 107
+"""Bytes in a Unix socket path (``sun_path`` holds 108 with the trailing NUL)."""
 COMMANDS = ("reload", "status", "stop", "reexec")
 
 Handler = Callable[[ControlRequest], Awaitable[Reply]]
@@ -33,20 +52,29 @@ Handler = Callable[[ControlRequest], Awaitable[Reply]]
 def default_control_path(name: str = "nodrop") -> str:
     """Where the control socket lives unless ``--control`` says otherwise.
 
-    ``$NODROP_CONTROL`` if set; else ``$XDG_RUNTIME_DIR/nodrop/NAME.sock``;
-    else ``/run/nodrop/NAME.sock`` for root; else ``/tmp/nodrop-UID/NAME.sock``.
+    ``$NODROP_CONTROL`` if set; else ``NAME.sock`` in the control directory
+    (:func:`nodrop.supervisor.controldir.default_dir`:
+    ``$XDG_RUNTIME_DIR/nodrop``, ``/run/nodrop`` for root, else
+    ``/tmp/nodrop-UID``, checked before use).
     """
     explicit = os.environ.get("NODROP_CONTROL")
     if explicit:
         return explicit
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        base = os.path.join(runtime, "nodrop")
-    elif os.geteuid() == 0:
-        base = "/run/nodrop"
-    else:
-        base = f"/tmp/nodrop-{os.geteuid()}"
-    return os.path.join(base, f"{name}.sock")
+    return os.path.join(default_dir(), f"{name}.sock")
+
+
+def check_path_length(path: str) -> None:
+    """Refuse a socket path the kernel cannot bind or connect to (pure).
+
+    Raises:
+        ControlError: naming the path, its length and the limit.
+    """
+    size = len(os.fsencode(path))
+    if size > AF_UNIX_PATH_MAX:
+        raise ControlError(
+            f"control socket path {path} is {size} bytes; a Unix socket path is at most "
+            f"{AF_UNIX_PATH_MAX} bytes: give a shorter --control (or $XDG_RUNTIME_DIR)"
+        )
 
 
 def parse_request(line: bytes) -> ControlRequest:
@@ -62,10 +90,51 @@ def parse_request(line: bytes) -> ControlRequest:
     return cast(ControlRequest, request)
 
 
-def bind_control(path: str) -> socket.socket:
-    """Create the listening control socket (0600, in a directory we make 0700)."""
+def prepare_control_dir(path: str) -> None:
+    """Check ``path`` and make its directory, before anything else starts.
+
+    In the default control directory, that directory must be ours
+    (:func:`~nodrop.supervisor.controldir.ensure_private_dir`).
+
+    Raises:
+        UntrustedError: the default control directory is not ours.
+        ControlError: the path is too long, or its directory cannot be made
+            (one line naming it).
+    """
+    check_path_length(path)
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        if is_default(path):
+            ensure_private_dir(directory)
+        else:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+    except UntrustedError:
+        raise
+    except OSError as exc:
+        raise ControlError(f"cannot create the control socket {path}: {_why(exc)}") from exc
+
+
+def bind_control(path: str) -> socket.socket:
+    """Create the listening control socket (0600, in a directory we make 0700).
+
+    Raises:
+        UntrustedError: the default control directory is not ours.
+        ControlError: the path is too long, or cannot be created or bound
+            (one line naming it).
+    """
+    prepare_control_dir(path)
+    try:
+        return _bind(path)
+    except OSError as exc:
+        raise ControlError(f"cannot create the control socket {path}: {_why(exc)}") from exc
+
+
+def _why(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _bind(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -94,16 +163,36 @@ def bind_control(path: str) -> socket.socket:
 
 
 class ControlServer:
-    """Serves the control socket on the supervisor's event loop."""
+    """Serves the control socket on the supervisor's event loop.
+
+    Every connection is bounded: a peer of another uid is refused at once;
+    a request must arrive within ``read_timeout``; at most ``max_reading``
+    connections may be sending their request (the oldest is dropped past
+    it) and ``max_connections`` be open in all.
+    """
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, allowed_uids: Collection[int] | None = None
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        allowed_uids: Collection[int] | None = None,
+        *,
+        read_timeout: float = READ_TIMEOUT,
+        max_reading: int = MAX_READING,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.sock = sock
         self._handler = handler
         self._allowed = allowed_uids
+        self._read_timeout = read_timeout
+        self._max_reading = max_reading
+        self._max_connections = max_connections
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._reading: dict[asyncio.Task[None], None] = {}  # insertion order: oldest first
+        self._evicted: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+        """Connections closed for a missed deadline, eviction or "busy"."""
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(
@@ -112,20 +201,30 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         try:
+            if len(self._handlers) > self._max_connections:
+                self.dropped += 1
+                await _reply(
+                    writer,
+                    {"ok": False, "busy": True, "message": "busy: too many control connections"},
+                )
+                return
             peer = writer.get_extra_info("socket")
             try:
                 check_peer(peer, self._allowed)
             except PeerDeniedError as exc:
-                await _reply(writer, {"ok": False, "message": str(exc)})
+                # "refused" lets the client exit with its own status (not a rollback's).
+                await _reply(writer, {"ok": False, "refused": True, "message": str(exc)})
                 return
             try:
-                line = await reader.readline()
+                line = await self._read_request(task, reader)
+                if line is None:
+                    return
                 request = parse_request(line)
-            except (ValueError, ControlError) as exc:  # ValueError: line over the limit
+            except (ValueError, ControlError) as exc:  # ValueError: a line over the limit
                 await _reply(writer, {"ok": False, "message": f"bad request: {exc}"})
                 return
             reply = await self._handler(request)
@@ -136,6 +235,33 @@ class ControlServer:
             pass
         finally:
             writer.close()
+
+    async def _read_request(
+        self, task: asyncio.Task[None], reader: asyncio.StreamReader
+    ) -> bytes | None:
+        """The request line, or None if the peer missed its deadline or was
+        evicted by newer connections."""
+        self._reading[task] = None
+        while len(self._reading) > self._max_reading:
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            self._evicted.add(oldest)
+            oldest.cancel()
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                return await reader.readline()
+        except TimeoutError:
+            self.dropped += 1
+            return None
+        except asyncio.CancelledError:
+            if task not in self._evicted:
+                raise  # shutting down
+            self._evicted.discard(task)
+            task.uncancel()
+            self.dropped += 1
+            return None
+        finally:
+            self._reading.pop(task, None)
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """Stop accepting, let answers being written finish, then close."""
@@ -156,24 +282,54 @@ async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None
     await writer.drain()
 
 
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """``connect``, waiting while the listen backlog is full: on a socket with a
+    timeout, ``AF_UNIX`` says EAGAIN at once instead of waiting (a flood of
+    other clients must delay us, not fail us)."""
+    deadline = time.monotonic() + (CONNECT_WAIT if timeout is None else timeout)
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{path}: its listen backlog stayed full") from None
+            time.sleep(0.01)
+
+
 def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) -> dict[str, Any]:
     """Send one command to a supervisor and return its answer.
 
+    Only a supervisor running as our own uid is believed (``SO_PEERCRED``):
+    whoever else answers on the path could say anything. In the default
+    control directory, the directory is checked first.
+
     Raises:
         ControlError: no supervisor there, or the connection broke.
+        UntrustedError: the control directory or the socket's peer is not ours.
+        PeerDeniedError: the supervisor refused us for our uid.
     """
+    check_path_length(path)
+    if is_default(path):
+        check_private_dir(os.path.dirname(os.path.abspath(path)))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            _connect(sock, path, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise ControlError(
                 f"no supervisor answers on {path} ({exc.strerror}); is `nodrop run` running, "
                 "and is this its --control path?"
             ) from exc
         except PermissionError as exc:
-            raise ControlError(f"not allowed to use {path}: {exc.strerror}") from exc
+            raise PeerDeniedError(f"not allowed to use {path}: {exc.strerror}") from exc
+        peer = peer_credentials(sock)
+        if peer.uid != os.geteuid():
+            raise UntrustedError(
+                f"the control socket {path} is served by pid {peer.pid} of uid {peer.uid}, "
+                f"not by us (uid {os.geteuid()}): refusing to believe its answer"
+            )
         sock.sendall(json.dumps({"cmd": cmd, **extra}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -185,6 +341,8 @@ def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) 
                 raise ControlError("answer too large")
     except TimeoutError as exc:
         raise ControlError(f"{cmd}: no answer from {path} within {timeout}s") from exc
+    except (PeerDeniedError, UntrustedError):
+        raise
     except OSError as exc:
         raise ControlError(f"{cmd}: {exc}") from exc
     finally:
@@ -197,4 +355,8 @@ def request(path: str, cmd: str, *, timeout: float | None = None, **extra: Any) 
         raise ControlError(f"{cmd}: garbled answer") from exc
     if not isinstance(answer, dict):
         raise ControlError(f"{cmd}: garbled answer")
+    if answer.get("refused") is True:
+        raise PeerDeniedError(f"{path}: {answer.get('message')}")
+    if answer.get("busy") is True:  # an error (exit 2), not a rollback (exit 1)
+        raise ControlError(f"{cmd}: {path}: {answer.get('message')}; try again")
     return answer

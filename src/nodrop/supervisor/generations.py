@@ -17,6 +17,7 @@ from nodrop.errors import ConfigError
 from nodrop.listeners.held import HeldSocket
 from nodrop.supervisor.config import ReadyMode, RunConfig
 from nodrop.supervisor.inherit_listeners import ListenerProvider
+from nodrop.supervisor.lineage import ancestry
 from nodrop.supervisor.model import Generation, GenState, Worker, WorkerState
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import Processes
@@ -128,13 +129,14 @@ class GenerationSet:
         if worker.state is WorkerState.STARTING:
             gen.mark_ready(worker, self.clock())
 
-    def notified(self, note: Notification) -> None:
+    def notified(self, note: Notification) -> bool:
         """A worker's message (``READY=1``, ``STATUS=``, ``STOPPING=1``); the kernel-stamped
-        ``note.pid`` says which worker. Tests of fake workers call it directly."""
+        ``note.pid`` says which worker. False if ``note.pid`` is neither a worker nor one's
+        descendant (ignored). Tests of fake workers call it directly."""
         note.close_fds()  # nodrop run keeps no fd store
         entry = self.worker_of(note.pid)
         if entry is None:
-            return
+            return False
         worker, gen = entry
         if "STATUS" in note.fields:
             worker.status_text = note.fields["STATUS"]
@@ -142,6 +144,7 @@ class GenerationSet:
             worker.stopping_at = self.clock()  # it stopped accepting (see .switchover)
         if note.fields.get("READY") == "1" and worker.state is WorkerState.STARTING:
             gen.mark_ready(worker, self.clock())
+        return True
 
     def activate(self, gen: Generation) -> list[Generation]:
         """``gen`` is ready: make it the active one; returns the generations
@@ -278,12 +281,13 @@ class GenerationSet:
 
     # -- queries ----------------------------------------------------------------
     def worker_of(self, pid: int) -> tuple[Worker, Generation] | None:
-        """The worker (and its generation) that ``pid`` is, or belongs to."""
-        entry = self._workers.get(pid)
-        if entry is None:
-            group = self.processes.group_of(pid)
-            entry = self._workers.get(group) if group is not None else None
-        return entry
+        """The worker (and its generation) that ``pid`` is or descends from
+        (a process group can be joined by anyone in the session; a parent cannot)."""
+        for ancestor in ancestry(pid, self.processes.parent_of):
+            entry = self._workers.get(ancestor)
+            if entry is not None:
+                return entry
+        return None
 
     def signal_active(self, sig: int) -> None:
         if self.active is not None:

@@ -116,7 +116,7 @@ class InheritListeners:
             keep.update(id(h) for h in group)
         for held in list(self._held):
             if id(held) not in keep:
-                held.sock.close()
+                held.close()
                 self._held.remove(held)
 
     def status(self) -> list[dict[str, Any]]:
@@ -127,7 +127,7 @@ class InheritListeners:
 
     def close(self) -> None:
         for held in self._held:
-            held.sock.close()
+            held.close()
         self._held = []
         self._registry.sockets = []
 

@@ -16,6 +16,7 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from nodrop.supervisor.lineage import proc_parent
 from nodrop.systemd.spawn import spawn
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -40,6 +41,8 @@ class Processes(Protocol):
     def reap(self) -> list[tuple[int, int]]: ...
 
     def group_of(self, pid: int) -> int | None: ...
+
+    def parent_of(self, pid: int) -> int | None: ...
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
         """Call ``on_exit`` on ``loop`` whenever a child may have exited
@@ -87,6 +90,9 @@ class OsProcesses:
             return os.getpgid(pid)
         except ProcessLookupError:
             return None
+
+    def parent_of(self, pid: int) -> int | None:
+        return proc_parent(pid)
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
         loop.add_signal_handler(signal.SIGCHLD, on_exit)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TextIO
 
 from nodrop.errors import NodropError
+from nodrop.lograte import RateLimitedLog
 from nodrop.supervisor import api
 from nodrop.supervisor import reexec as carry
 from nodrop.supervisor.config import (
@@ -146,6 +147,7 @@ class Supervisor:
         self._stopped: asyncio.Future[int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.notify: NotifyReceiver | None = None
+        self.notify_garbage = RateLimitedLog(self.log, "ignored notify messages")
         self.control: ControlServer | None = None
         self.started = clock()
         self.reexecs = 0
@@ -346,11 +348,14 @@ class Supervisor:
             try:
                 note = self.notify.receive()
             except NodropError as exc:
-                self.log(f"ignored a notify message: {exc}")
+                self.notify_garbage.report(f"ignored a notify message: {exc}")
                 continue
             if note is None:
                 return
-            self.gens.notified(note)
+            if not self.gens.notified(note):
+                self.notify_garbage.report(
+                    f"ignored a notify message from pid {note.pid}: not a worker or a worker's descendant"
+                )
 
     def _on_sighup(self) -> None:
         self.log("SIGHUP: reloading")

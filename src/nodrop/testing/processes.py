@@ -101,6 +101,8 @@ class FakeProcesses:
         self.on_signal = on_signal
         self.processes: dict[int, FakeProcess] = {}
         self.spawn_errors: list[OSError] = []
+        self.parents: dict[int, int] = {}
+        """Parent pids of processes the test pretends exist (a worker's children)."""
         self._next_pid = first_pid
         self._exited: list[tuple[int, int]] = []
         self._watcher: tuple[asyncio.AbstractEventLoop, Callable[[], None]] | None = None
@@ -160,6 +162,10 @@ class FakeProcesses:
     def group_of(self, pid: int) -> int | None:
         process = self.processes.get(pid)
         return None if process is None or process.reaped else process.pid
+
+    def parent_of(self, pid: int) -> int | None:
+        """What :attr:`parents` says (a test sets ``parents[child] = worker``)."""
+        return self.parents.get(pid)
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
         self._watcher = (loop, on_exit)
