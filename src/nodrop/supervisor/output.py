@@ -15,6 +15,9 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 MAX_LINE = 64 * 1024
+DRAIN_AT_CLOSE = 4 * 1024 * 1024
+"""At most this many bytes still in a pipe are read when it closes (a
+grandchild that keeps the write end open must not hold the loop)."""
 
 
 class TaggedStream:
@@ -38,15 +41,24 @@ class TaggedStream:
         loop.add_reader(fd, self._read)
 
     def _read(self) -> None:
-        try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
+        data = self._read_chunk()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.close()
             return
+        self._take(data)
+
+    def _read_chunk(self) -> bytes | None:
+        """What the pipe has: bytes, b"" at EOF (or error), None if nothing now."""
+        try:
+            return os.read(self._fd, 65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def _take(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > MAX_LINE:
@@ -65,8 +77,18 @@ class TaggedStream:
                 self._on_line(line.decode("utf-8", "replace"))
 
     def close(self) -> None:
+        """Pass on what is still in the pipe (to EOF, or to what is there
+        now if another process keeps the write end open), then close it: a
+        worker's last lines -- often why it failed -- are never lost."""
         if self._fd < 0:
             return
+        budget = DRAIN_AT_CLOSE
+        while budget > 0:
+            data = self._read_chunk()
+            if not data:
+                break
+            budget -= len(data)
+            self._take(data)
         if self._partial:
             self._emit([self._partial])
             self._partial = b""
