@@ -42,6 +42,8 @@ class StatusReply(TypedDict):
     reloads: list[dict[str, Any]]
     restarts_last_minute: int
     restarts_total: int
+    restart_failures: int
+    degraded: bool
     crash_loop: bool
     warnings: list[str]
     summary: str

@@ -74,6 +74,8 @@ class GenerationSet:
         """Called right before a generation's workers get SIGKILL."""
         self.restart_count = 0
         """Worker restarts scheduled since the supervisor started."""
+        self.restart_failures = 0
+        """Restart attempts that could not spawn (each is tried again)."""
         self._workers: dict[int, tuple[Worker, Generation]] = {}
 
     # -- starting -------------------------------------------------------------
@@ -272,7 +274,16 @@ class GenerationSet:
         try:
             new = self._spawn(gen, index, restarts)
         except OSError as exc:
-            self.warn(f"cannot restart worker {index} of generation {gen.number}: {exc}")
+            # Out of fds or processes now is not out of them for ever: try
+            # again with the backoff, and say so each time (``status`` shows
+            # the generation short of workers meanwhile).
+            delay = self.restarts.delay(restarts + 1)
+            self.warn(
+                f"cannot restart worker {index} of generation {gen.number}: {exc}; "
+                f"trying again in {delay:.1f}s"
+            )
+            self.restart_failures += 1
+            asyncio.get_running_loop().call_later(delay, self._restart, gen, index, restarts + 1)
             return
         gen.workers = [new if w.index == index else w for w in gen.workers]
 

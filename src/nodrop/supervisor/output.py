@@ -111,7 +111,13 @@ class WorkerOutput:
         """(read, write) pairs for a new worker's stdout and stderr, or none."""
         if not self.enabled:
             return []
-        return [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
+        first = os.pipe2(os.O_CLOEXEC)
+        try:
+            return [first, os.pipe2(os.O_CLOEXEC)]
+        except OSError:  # EMFILE: leave no half of the pair open
+            os.close(first[0])
+            os.close(first[1])
+            raise
 
     def attach(
         self, pid: int, label: str, read_fds: list[int], on_stderr: Callable[[str], None]

@@ -9,10 +9,31 @@ from typing import TYPE_CHECKING
 from nodrop._version import __version__
 from nodrop.supervisor import api
 from nodrop.supervisor.ledger import ReloadLedger
-from nodrop.supervisor.model import ReloadOutcome
+from nodrop.supervisor.model import Generation, ReloadOutcome, WorkerState
 
 if TYPE_CHECKING:
     from nodrop.supervisor.supervisor import Supervisor
+
+
+def short_of_workers(gen: Generation | None) -> tuple[int, int] | None:
+    """(ready, asked) when the active generation serves with fewer ready
+    workers than its config asks (a restart that failed, one still in its
+    backoff or not ready yet)."""
+    if gen is None:
+        return None
+    live = sum(w.state is WorkerState.READY for w in gen.workers)
+    asked = gen.config.workers
+    return (live, asked) if live < asked else None
+
+
+def summary_line(gen: Generation | None) -> str:
+    """One line: what the supervisor serves (``STATUS=``, ``nodrop status``)."""
+    if gen is None:
+        return "starting"
+    short = short_of_workers(gen)
+    if short is not None:
+        return f"generation {gen.number} DEGRADED: serving with {short[0]} of {short[1]} worker(s)"
+    return f"generation {gen.number} serving with {len(gen.live_workers())} worker(s)"
 
 
 def build_status(sup: Supervisor) -> api.StatusReply:
@@ -39,6 +60,8 @@ def build_status(sup: Supervisor) -> api.StatusReply:
         "reloads": reloads,
         "restarts_last_minute": sup.restarts.recent(now),
         "restarts_total": sup.gens.restart_count,
+        "restart_failures": sup.gens.restart_failures,
+        "degraded": short_of_workers(sup.active) is not None,
         "crash_loop": sup.restarts.crash_loop(now),
         "warnings": list(sup.listeners.warnings()) + list(sup.warnings_log),
         "summary": sup.status_line(),

@@ -54,7 +54,7 @@ from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
-from nodrop.supervisor.status import build_status, record_ledger, record_reload
+from nodrop.supervisor.status import build_status, record_ledger, record_reload, summary_line
 from nodrop.supervisor.switchover import Switchover
 from nodrop.systemd.notify import notify as sd_notify
 from nodrop.systemd.receiver import NotifyReceiver
@@ -420,10 +420,7 @@ class Supervisor:
         return self.gens.worker_of(pid)
 
     def status_line(self) -> str:
-        gen = self.active
-        if gen is None:
-            return "starting"
-        return f"generation {gen.number} serving with {len(gen.live_workers())} worker(s)"
+        return summary_line(self.active)
 
     def status(self) -> api.StatusReply:
         """Everything ``nodrop status`` shows."""
