@@ -73,9 +73,14 @@ def handle(conn: socket.socket) -> None:
 def notify(message: bytes) -> None:
     path = os.environ.get("NOTIFY_SOCKET")
     if path:
+        # As sd_notify(3): an error is returned, not fatal (the supervisor
+        # that started us may have been killed meanwhile).
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect("\0" + path[1:] if path.startswith("@") else path)
-            s.send(message)
+            try:
+                s.connect("\0" + path[1:] if path.startswith("@") else path)
+                s.send(message)
+            except OSError:
+                pass
 
 
 sel = selectors.DefaultSelector()

@@ -44,6 +44,7 @@ class StatusReply(TypedDict):
     restarts_total: int
     restart_failures: int
     degraded: bool
+    recovery: dict[str, Any] | None
     crash_loop: bool
     warnings: list[str]
     summary: str

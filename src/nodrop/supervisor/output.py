@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
 
 MAX_LINE = 64 * 1024
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1024 * 1024
 DRAIN_AT_CLOSE = 4 * 1024 * 1024
 """At most this many bytes still in a pipe are read when it closes (a
 grandchild that keeps the write end open must not hold the loop)."""
@@ -113,11 +116,17 @@ class WorkerOutput:
             return []
         first = os.pipe2(os.O_CLOEXEC)
         try:
-            return [first, os.pipe2(os.O_CLOEXEC)]
+            pairs = [first, os.pipe2(os.O_CLOEXEC)]
         except OSError:  # EMFILE: leave no half of the pair open
             os.close(first[0])
             os.close(first[1])
             raise
+        for r, _ in pairs:
+            # Room for what a worker writes while no supervisor reads (ours
+            # died, the next is on its way); the default is 64 KiB.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
+        return pairs
 
     def attach(
         self, pid: int, label: str, read_fds: list[int], on_stderr: Callable[[str], None]

@@ -68,6 +68,9 @@ def build_status(sup: Supervisor) -> api.StatusReply:
         "handoff": None if sup.broker is None else sup.broker.stats(),
         "metrics": sup.metrics.to_dict(),
         "metrics_address": None if sup.metrics_server is None else sup.metrics_server.address,
+        "recovery": None
+        if sup.recovery is None
+        else {"state": sup.recovery.file.path, "orphans": sup.recovery.status()},
     }
 
 

@@ -56,6 +56,7 @@ from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
 from nodrop.supervisor.status import build_status, record_ledger, record_reload, summary_line
 from nodrop.supervisor.switchover import Switchover
+from nodrop.supervisor.takeover import Recovery
 from nodrop.systemd.notify import notify as sd_notify
 from nodrop.systemd.receiver import NotifyReceiver
 
@@ -101,6 +102,7 @@ class Supervisor:
         name: str = "nodrop",
         log_format: str = "text",
         metrics_server: MetricsServer | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
@@ -111,6 +113,7 @@ class Supervisor:
         self.tag_output = tag_output
         self.name = name
         self.metrics_server = metrics_server
+        self.recovery = recovery
         self.events = EventLog(log or sys.stderr, log_format)
         self.service_notify = service_notify_socket
         self.broker = broker
@@ -211,6 +214,8 @@ class Supervisor:
                 self._adopt(resume)  # before the broker: it maps peers to workers
             if self.broker is not None:
                 await self.broker.start(self)
+            if (recovery := self.recovery) is not None:
+                recovery.start(self)  # before generation 1: its spawns are recorded
             if resume is not None:
                 self.log(
                     f"re-executed (#{self.reexecs}): generation "
@@ -229,6 +234,8 @@ class Supervisor:
             self.log(
                 f"generation {outcome.generation} ready in {outcome.duration:.3f}s; control socket {self.control_path}"
             )
+            if recovery is not None:
+                recovery.serving(self.config)
             self._tell_service_manager(
                 READY="1", MAINPID=str(os.getpid()), STATUS=self.status_line()
             )
@@ -407,6 +414,8 @@ class Supervisor:
                 os.unlink(self.control_path)
         if self.broker is not None:
             self.broker.close()
+        if self.recovery is not None:
+            self.recovery.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.notify is not None:

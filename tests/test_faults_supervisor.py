@@ -1,0 +1,140 @@
+"""Fault matrix: kill -9 of the supervisor, idle and in the middle of a
+reload, under load; then the same ``nodrop run`` again (issue 13, C / item 2).
+
+What clients see: not one failed request. What the second supervisor does:
+serves within 2 s on the very same listening socket (no EADDRINUSE, no
+refused connection), drains every worker of the first, and afterwards no
+process of the first remains. The test process stands in for the service
+manager: it is the subreaper that inherits the orphans (as systemd or PID 1
+would), so it can prove each one exited.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Procs, waitpid_status
+from nodrop.load import LoadConfig, Mode, run_load
+from nodrop.load.reload import ReloadRecord
+from nodrop.supervisor.recovery import read_state, state_path
+from nodrop.testing.waiting import wait_for
+from supervisor_harness import SERVER, Supervised, http_get, start
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+class KillAndRestart:
+    """A "reload" that is kill -9 of the supervisor and the same command again."""
+
+    def __init__(
+        self, procs: Procs, tmp_path: Path, first: Supervised, args: list[str], mid_reload: bool
+    ) -> None:
+        self.procs = procs
+        self.tmp_path = tmp_path
+        self.first = first
+        self.args = args
+        self.mid_reload = mid_reload
+        self.second: Supervised | None = None
+        self.orphans: list[int] = []
+        self.killed_at = 0.0
+        self.serving_at = 0.0
+
+    def reload(self) -> ReloadRecord:
+        started = time.monotonic()
+        if self.mid_reload:
+            os.kill(self.first.proc.pid, signal.SIGHUP)
+            wait_for(
+                lambda: (
+                    any(g["state"] == "starting" for g in self.first.status()["generations"])
+                    or None
+                ),
+                30,
+            )
+        generations = self.first.status()["generations"]
+        self.orphans = [
+            w["pid"] for g in generations for w in g["workers"] if w["state"] != "exited"
+        ]
+        os.kill(self.first.proc.pid, signal.SIGKILL)
+        self.first.proc.wait(timeout=10)
+        self.killed_at = time.monotonic()
+        self.second = start(
+            self.procs,
+            self.tmp_path / "second",
+            *self.args,
+            command=[*SERVER, "--ready-after", "0.5"],
+            control=self.first.control,
+        )
+        self.serving_at = time.monotonic()
+        return ReloadRecord(
+            started, self.serving_at, None, True, "kill -9 and run again", self.serving_at
+        )
+
+
+@pytest.mark.parametrize("mid_reload", [False, True], ids=["idle", "mid-reload"])
+def test_kill_9_of_the_supervisor_under_load_loses_nothing(
+    procs: Procs, tmp_path: Path, subreaper: None, mid_reload: bool
+) -> None:
+    (tmp_path / "second").mkdir()
+    args = ["--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05"]
+    first = start(procs, tmp_path, *args, command=[*SERVER, "--ready-after", "0.5"])
+    port = first.port()
+    killer = KillAndRestart(procs, tmp_path, first, args, mid_reload)
+    config = LoadConfig(
+        host="127.0.0.1",
+        port=port,
+        mode=Mode.CLOSE,
+        concurrency=8,
+        duration=4.0,
+        processes=1,
+        reload_every=1.0,
+        reloads=1,
+        timeout=5.0,
+    )
+    try:
+        result = run_load(config, killer)
+        second = killer.second
+        assert second is not None
+        assert result.ok > 500, "the load generator barely ran"
+        assert result.failed == 0, result.outcomes
+        assert killer.serving_at - killer.killed_at < 2.0, second.log()
+        assert len(killer.orphans) == (4 if mid_reload else 2)
+        # Every worker of the first supervisor was drained and exited (we reap it).
+        for pid in killer.orphans:
+            try:
+                code = waitpid_status(pid, timeout=30)
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}\n{second.log()}\n{first.log()}") from None
+            assert code == 0, second.log()
+        status = second.status()
+        first_new = 3 if mid_reload else 2
+        assert status["active_generation"] == first_new, second.log()
+        assert status["listeners"][0]["address"].endswith(f":{port}")
+        assert http_get(port).startswith(f"gen={first_new} ")
+        assert "taking over from supervisor pid" in second.log()
+        wait_for(lambda: not second.status()["recovery"]["orphans"], 30)
+        assert {w["pid"] for w in read_state(state_path(first.control))["workers"]} == {  # type: ignore[index]
+            w["pid"] for w in status["generations"][-1]["workers"]
+        }
+        assert second.stop() == 0
+        assert not os.path.exists(state_path(first.control))
+    finally:
+        first.notify.close()
+        if killer.second is not None:
+            killer.second.notify.close()
