@@ -55,6 +55,7 @@ from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
 from nodrop.supervisor.status import build_status, record_ledger, record_reload, summary_line
+from nodrop.supervisor.stopping import stop_gracefully
 from nodrop.supervisor.switchover import Switchover
 from nodrop.supervisor.takeover import Recovery
 from nodrop.systemd.notify import notify as sd_notify
@@ -147,6 +148,7 @@ class Supervisor:
         self._next: asyncio.Future[ReloadOutcome] | None = None
         self._stopping = False
         self._stopped: asyncio.Future[int] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.notify: NotifyReceiver | None = None
         self.control: ControlServer | None = None
@@ -281,13 +283,15 @@ class Supervisor:
         gen = self.gens.start(config, listeners)
         why = await wait_ready(gen, config.ready_timeout, config.ready_grace, self.clock)
         if why is not None or self._stopping:
-            if self._stopping and why is None:
-                why = "the supervisor is stopping"
+            if self._stopping:  # not a rollback: nothing keeps serving
+                why = "abandoned: the supervisor is stopping"
             self.listeners.abort(listeners)
             self.gens.drain(gen, note=why or "", failed=True)
             # The verdict on the first line; a worker's captured stderr after it.
             head, _, rest = (why or "").partition("\n")
-            suffix = "" if first else "; rolled back, the old generation keeps serving"
+            suffix = (
+                "" if first or self._stopping else "; rolled back, the old generation keeps serving"
+            )
             return failed(f"{head}{suffix}" + (f"\n{rest}" if rest else ""), gen.number)
         old = self.gens.activate(gen)
         self.listeners.activate(listeners)
@@ -380,7 +384,8 @@ class Supervisor:
         self._stopping = True
         self.gens.stopping = True
         self._tell_service_manager(STOPPING="1", STATUS="stopping")
-        self.gens.drain_all()
+        # No new connection, the queue served, then the drain (see .stopping).
+        self._stop_task = asyncio.ensure_future(stop_gracefully(self.gens, self.clock, self.log))
 
     async def stop_and_wait(self) -> None:
         self.stop()
