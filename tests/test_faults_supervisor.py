@@ -30,6 +30,20 @@ from supervisor_harness import SERVER, Supervised, http_get, start
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def _may_take_fds() -> str | None:
+    """Why pidfd_getfd(2) on a non-descendant is not allowed here, if it is not."""
+    if os.geteuid() == 0:
+        return None
+    try:
+        scope = Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip()
+    except OSError:
+        return None
+    return None if scope == "0" else f"not root and kernel.yama.ptrace_scope={scope}"
+
+
+pytestmark = pytest.mark.skipif(_may_take_fds() is not None, reason=str(_may_take_fds()))
+
+
 @pytest.fixture
 def subreaper() -> Iterator[None]:
     libc = ctypes.CDLL(None, use_errno=True)
