@@ -92,7 +92,7 @@ class KillAndRestart:
             self.procs,
             self.tmp_path / "second",
             *self.args,
-            command=[*SERVER, "--ready-after", "0.5"],
+            command=[*SERVER, "--ready-after", "0.3"],
             control=self.first.control,
         )
         self.serving_at = time.monotonic()
@@ -107,7 +107,7 @@ def test_kill_9_of_the_supervisor_under_load_loses_nothing(
 ) -> None:
     (tmp_path / "second").mkdir()
     args = ["--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05"]
-    first = start(procs, tmp_path, *args, command=[*SERVER, "--ready-after", "0.5"])
+    first = start(procs, tmp_path, *args, command=[*SERVER, "--ready-after", "0.3"])
     port = first.port()
     killer = KillAndRestart(procs, tmp_path, first, args, mid_reload)
     config = LoadConfig(
@@ -127,7 +127,9 @@ def test_kill_9_of_the_supervisor_under_load_loses_nothing(
         assert second is not None
         assert result.ok > 500, "the load generator barely ran"
         assert result.failed == 0, result.outcomes
-        assert killer.serving_at - killer.killed_at < 2.0, second.log()
+        took = killer.serving_at - killer.killed_at
+        print(f"\nserving {took:.2f}s after the kill; {result.attempts} requests, 0 failed")
+        assert took < 2.0, second.log()
         assert len(killer.orphans) == (4 if mid_reload else 2)
         # Every worker of the first supervisor was drained and exited (we reap it).
         for pid in killer.orphans:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from nodrop.supervisor.supervisor import Supervisor
 
 Log = Callable[[str], None]
+SO_DETACH_FILTER = 27
 
 
 @dataclass(eq=False)
@@ -91,6 +92,10 @@ def _take_socket(orphan: Orphan, fd: int, record: ListenerRecord) -> HeldSocket 
     if not same:
         sock.close()
         return None
+    # A supervisor killed while stopping left its SYN-dropping filter on
+    # the socket (see .stopping): we serve on it again.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
     spec = None if record["spec"] is None else parse_spec(record["spec"])
     return HeldSocket.adopt(sock, record["name"], spec)
 
