@@ -5,6 +5,7 @@ is short of workers meanwhile (issue 13, A)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import resource
@@ -85,3 +86,51 @@ def test_a_real_worker_is_restarted_once_the_supervisor_has_fds_again(
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "trying again in" in sup.log()
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+def _pids_cgroup_unavailable() -> str | None:
+    if not os.access(PIDS_CGROUP, os.W_OK):
+        return "no writable cgroup v1 pids controller at /sys/fs/cgroup/pids"
+    return None
+
+
+@pytest.mark.skipif(_pids_cgroup_unavailable() is not None, reason=str(_pids_cgroup_unavailable()))
+def test_a_real_fork_failure_is_retried_and_status_says_degraded(
+    supervise: Start, tmp_path: Path
+) -> None:
+    """Fork failure for real: the supervisor alone in a pids cgroup whose
+    limit it has reached (RLIMIT_NPROC does not bind root; pids.max does),
+    so posix_spawn fails with EAGAIN while its worker must be restarted."""
+    sup = supervise("--listen", "tcp://127.0.0.1:0")
+    port = sup.port()
+    [worker] = sup.status()["generations"][0]["workers"]
+    group = PIDS_CGROUP / f"nodrop-test-{os.getpid()}-{sup.proc.pid}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(sup.proc.pid))
+        (group / "pids.max").write_text((group / "pids.current").read_text().strip())
+        os.kill(worker["pid"], signal.SIGKILL)
+        wait_for(lambda: "cannot restart worker 1 of generation 1" in sup.log(), 30, "EAGAIN")
+        assert "Resource temporarily unavailable" in sup.log()
+        cli = subprocess.run(
+            [sys.executable, "-m", "nodrop", "status", "--control", sup.control],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 3, cli.stdout + cli.stderr
+        assert "DEGRADED: serving with 0 of 1 worker(s)" in cli.stdout
+        (group / "pids.max").write_text("max")
+        wait_for(lambda: sup.status()["generations"][0]["workers"][0]["state"] == "ready", 30)
+        assert http_get(port).startswith("gen=1 ")
+        assert not sup.status()["degraded"]
+    finally:
+        (group / "pids.max").write_text("max")
+        # The supervisor, and the worker it restarted in there, go back.
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (PIDS_CGROUP / "cgroup.procs").write_text(pid)
+        group.rmdir()
