@@ -154,3 +154,31 @@ def test_kill_9_of_the_supervisor_under_load_loses_nothing(
         first.notify.close()
         if killer.second is not None:
             killer.second.notify.close()
+
+
+def test_orphans_that_write_to_stdout_survive_and_their_output_is_taken_over(
+    procs: Procs, tmp_path: Path, subreaper: None
+) -> None:
+    """Workers that write all the time (and die of SIGPIPE, as C programs do,
+    if their stdout has no reader) outlive the supervisor's kill -9; the next
+    supervisor passes their output on, tagged as before."""
+    (tmp_path / "second").mkdir()
+    args = ["--listen", "tcp://127.0.0.1:0", "--ready-grace", "0.05"]
+    command = [*SERVER, "--tick", "0.01"]
+    first = start(procs, tmp_path, *args, command=command)
+    try:
+        [worker] = first.status()["generations"][0]["workers"]
+        wait_for(lambda: "[g1.w1] tick 5" in first.log(), 30, "ticks")
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        # The worker, alone, writes on: with no reader it would die of SIGPIPE now.
+        second = start(procs, tmp_path / "second", *args, command=command, control=first.control)
+        try:
+            assert waitpid_status(worker["pid"], timeout=30) == 0, second.log()
+            ticks = [line for line in second.log().splitlines() if line.startswith("[g1.w1] tick")]
+            assert ticks, second.log()
+            assert second.stop() == 0
+        finally:
+            second.notify.close()
+    finally:
+        first.notify.close()
