@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,5 +182,41 @@ def test_orphans_that_write_to_stdout_survive_and_their_output_is_taken_over(
             assert second.stop() == 0
         finally:
             second.notify.close()
+    finally:
+        first.notify.close()
+
+
+def test_a_stop_during_the_takeover_drains_the_orphans_too(
+    procs: Procs, tmp_path: Path, subreaper: None
+) -> None:
+    """The second supervisor is stopped before its own generation is ready:
+    the service stops, so the orphans get their drain signal and exit; no
+    state is left for a third."""
+    first = start(procs, tmp_path, "--listen", "tcp://127.0.0.1:0", command=SERVER)
+    try:
+        orphans = [w["pid"] for w in first.status()["generations"][0]["workers"]]
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        log = tmp_path / "second.log"
+        with open(log, "wb") as out:
+            second = procs.popen(
+                [sys.executable, "-m", "nodrop", "run", "--control", first.control,
+                 "--listen", "tcp://127.0.0.1:0", "--", *SERVER, "--never-ready"],
+                stdout=out, stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+            )  # fmt: skip
+        wait_for(lambda: "taking over from supervisor pid" in log.read_text(), 30)
+
+        # Its signal handlers are in place once it writes its own state.
+        def written_by_second() -> bool:
+            state = read_state(state_path(first.control))
+            return state is not None and state["supervisor"] == second.pid
+
+        wait_for(written_by_second, 30, "the second supervisor's recovery state")
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+        for pid in orphans:
+            assert waitpid_status(pid, timeout=30) == 0, log.read_text()
+        assert not os.path.exists(state_path(first.control)), log.read_text()
     finally:
         first.notify.close()

@@ -298,11 +298,20 @@ class Recovery:
             self.orphans.drain(config)
 
     def close(self) -> None:
-        """The supervisor stops: kill orphans it was draining; keep listing
-        those it never replaced (it could not start), for the next attempt."""
+        """The supervisor exits: kill orphans it was draining; if it was
+        stopped before it drained them, send them their drain signal; if it
+        could not start, keep them listed (serving) for the next attempt."""
         orphans = self.orphans
+        sup = self._sup
         if orphans is not None and orphans.draining_since is not None:
             orphans.kill()
+        elif orphans is not None and orphans.live() and sup is not None and sup.stopping:
+            # Stopped while taking over: the service stops, they go too (their
+            # drain signal; nobody is left to SIGKILL them at a timeout).
+            orphans.drain(sup.config)
+            self.file.remove()
+            orphans.close()
+            return
         if orphans is not None and orphans.live() and orphans.draining_since is None:
             self.file.carried, self.file.carried_listeners = orphans.live_records()
             with contextlib.suppress(OSError):
