@@ -53,6 +53,7 @@ def test_stop_under_load_resets_nothing(supervise: Start) -> None:
     assert sup.proc.wait(timeout=30) == 0
     assert result.ok > 300, "the load generator barely ran"
     failures = {k: v for k, v in result.outcomes.items() if k != Outcome.OK.label and v}
+    print(f"\nstop under load: {dict(result.outcomes)}")
     # Refused: the service is stopped. Anything else lost a request.
     assert set(failures) <= {Outcome.REFUSED.label}, (failures, sup.log())
     assert "new connections refused on 1 listener(s)" in sup.log()
