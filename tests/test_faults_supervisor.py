@@ -11,6 +11,7 @@ would), so it can prove each one exited.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -47,21 +48,37 @@ pytestmark = pytest.mark.skipif(_may_take_fds() is not None, reason=str(_may_tak
 
 
 @pytest.fixture
-def subreaper() -> Iterator[None]:
+def subreaper() -> Iterator[list[int]]:
+    """This process inherits the orphans (as the service manager would);
+    the test lists their pids, and any still running at the end (a failed
+    test) are killed and reaped."""
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    orphans: list[int] = []
     try:
-        yield
+        yield orphans
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        for pid in orphans:
+            with contextlib.suppress(ChildProcessError, ProcessLookupError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
 
 
 class KillAndRestart:
     """A "reload" that is kill -9 of the supervisor and the same command again."""
 
     def __init__(
-        self, procs: Procs, tmp_path: Path, first: Supervised, args: list[str], mid_reload: bool
+        self,
+        procs: Procs,
+        tmp_path: Path,
+        first: Supervised,
+        args: list[str],
+        mid_reload: bool,
+        adopted: list[int],
     ) -> None:
+        self.adopted = adopted
         self.procs = procs
         self.tmp_path = tmp_path
         self.first = first
@@ -105,13 +122,13 @@ class KillAndRestart:
 
 @pytest.mark.parametrize("mid_reload", [False, True], ids=["idle", "mid-reload"])
 def test_kill_9_of_the_supervisor_under_load_loses_nothing(
-    procs: Procs, tmp_path: Path, subreaper: None, mid_reload: bool
+    procs: Procs, tmp_path: Path, subreaper: list[int], mid_reload: bool
 ) -> None:
     (tmp_path / "second").mkdir()
     args = ["--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05"]
     first = start(procs, tmp_path, *args, command=[*SERVER, "--ready-after", "0.3"])
     port = first.port()
-    killer = KillAndRestart(procs, tmp_path, first, args, mid_reload)
+    killer = KillAndRestart(procs, tmp_path, first, args, mid_reload, subreaper)
     config = LoadConfig(
         host="127.0.0.1",
         port=port,
@@ -159,7 +176,7 @@ def test_kill_9_of_the_supervisor_under_load_loses_nothing(
 
 
 def test_orphans_that_write_to_stdout_survive_and_their_output_is_taken_over(
-    procs: Procs, tmp_path: Path, subreaper: None
+    procs: Procs, tmp_path: Path, subreaper: list[int]
 ) -> None:
     """Workers that write all the time (and die of SIGPIPE, as C programs do,
     if their stdout has no reader) outlive the supervisor's kill -9; the next
@@ -170,6 +187,7 @@ def test_orphans_that_write_to_stdout_survive_and_their_output_is_taken_over(
     first = start(procs, tmp_path, *args, command=command)
     try:
         [worker] = first.status()["generations"][0]["workers"]
+        subreaper.append(worker["pid"])
         wait_for(lambda: "[g1.w1] tick 5" in first.log(), 30, "ticks")
         first.proc.kill()
         first.proc.wait(timeout=10)
@@ -187,7 +205,7 @@ def test_orphans_that_write_to_stdout_survive_and_their_output_is_taken_over(
 
 
 def test_a_stop_during_the_takeover_drains_the_orphans_too(
-    procs: Procs, tmp_path: Path, subreaper: None
+    procs: Procs, tmp_path: Path, subreaper: list[int]
 ) -> None:
     """The second supervisor is stopped before its own generation is ready:
     the service stops, so the orphans get their drain signal and exit; no
@@ -195,6 +213,7 @@ def test_a_stop_during_the_takeover_drains_the_orphans_too(
     first = start(procs, tmp_path, "--listen", "tcp://127.0.0.1:0", command=SERVER)
     try:
         orphans = [w["pid"] for w in first.status()["generations"][0]["workers"]]
+        subreaper.extend(orphans)
         first.proc.kill()
         first.proc.wait(timeout=10)
         log = tmp_path / "second.log"
