@@ -111,7 +111,7 @@ class KillAndRestart:
             self.procs,
             self.tmp_path / "second",
             *self.args,
-            command=[*SERVER, "--ready-after", "0.3"],
+            command=[*SERVER, "--ready-after", "0.2"],
             control=self.first.control,
         )
         self.serving_at = time.monotonic()
@@ -120,13 +120,18 @@ class KillAndRestart:
         )
 
 
-@pytest.mark.parametrize("mid_reload", [False, True], ids=["idle", "mid-reload"])
+@pytest.mark.parametrize(
+    ("mid_reload", "strategy"),
+    [(False, "inherit"), (True, "inherit"), (False, "reuseport")],
+    ids=["idle", "mid-reload", "idle-reuseport"],
+)
 def test_kill_9_of_the_supervisor_under_load_loses_nothing(
-    procs: Procs, tmp_path: Path, subreaper: list[int], mid_reload: bool
+    procs: Procs, tmp_path: Path, subreaper: list[int], mid_reload: bool, strategy: str
 ) -> None:
     (tmp_path / "second").mkdir()
     args = ["--listen", "tcp://127.0.0.1:0?name=web", "--workers", "2", "--ready-grace", "0.05"]
-    first = start(procs, tmp_path, *args, command=[*SERVER, "--ready-after", "0.3"])
+    args += ["--strategy", strategy]
+    first = start(procs, tmp_path, *args, command=[*SERVER, "--ready-after", "0.2"])
     port = first.port()
     killer = KillAndRestart(procs, tmp_path, first, args, mid_reload, subreaper)
     config = LoadConfig(

@@ -35,7 +35,7 @@ from nodrop.kernel.pidfd import getfd, open_process, send_signal
 from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import SocketIdentity, identify
 from nodrop.listeners.spec import parse_spec
-from nodrop.supervisor.inherit_listeners import InheritListeners, ListenerProvider
+from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.recovery import (
     SD_LISTEN_FDS_START,
@@ -333,9 +333,12 @@ def take_over(control_path: str, listeners: ListenerProvider) -> Recovery:
 
     orphans = Orphans.find(control_path, lambda m: print(f"nodrop: {m}", file=sys.stderr))
     if orphans is not None:
-        if isinstance(listeners, InheritListeners):
-            listeners.take(orphans.listeners)
-        else:  # reuseport: fresh sockets of our own; theirs only drain
+        # inherit: we serve on their very sockets. reuseport: we bind our own
+        # beside theirs (same ports), and theirs drain and migrate.
+        take = getattr(listeners, "take", None)  # both strategies have it
+        if take is not None:
+            take(orphans.listeners)
+        else:
             for held in orphans.listeners:
                 held.sock.close()
         orphans.listeners = []
