@@ -24,6 +24,7 @@ last reload.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -99,6 +100,10 @@ class Soaker:
         self.before = footprint(self.pid)
         while self.done < self.reloads and time.monotonic() < self.until:
             self._one()
+        # The last reload's control connection may still be closing on the
+        # supervisor's side: transient, not growth. Give it a moment.
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: footprint(self.pid)["fds"] <= self.before["fds"], 5, "fds to settle")
         self.after = footprint(self.pid)
         done = time.monotonic()
         return ReloadRecord(started, None, None, not self.failed, f"{self.done} reloads", done)

@@ -411,8 +411,8 @@ class Supervisor:
         self.output.close()
         for fut in (self._current, self._next):
             if fut is not None and not fut.done():
-                now = self.clock()
-                fut.set_result(ReloadOutcome(False, None, "the supervisor stopped", now, now))
+                now, why = self.clock(), "abandoned: the supervisor stopped"
+                fut.set_result(ReloadOutcome(False, None, why, now, now))
         if self.control is not None:
             await self.control.aclose()
             with contextlib.suppress(OSError):
