@@ -106,15 +106,17 @@ def start(
     command: list[str] | None = None,
     env: dict[str, str] | None = None,
     activate: tuple[socket.socket, str] | None = None,
+    control: str | None = None,
 ) -> Supervised:
     """`nodrop run RUN_ARGS -- COMMAND`, started as systemd would (NOTIFY_SOCKET).
 
     ``activate`` (a listening socket and its name) is passed as systemd's
     socket activation would pass it: at fd 3, with ``LISTEN_FDS``. A test
     that must know the port before the server starts binds port 0 itself
-    and hands the socket over this way.
+    and hands the socket over this way. ``control``: the control socket
+    (default: in ``tmp_path``).
     """
-    control = str(tmp_path / "control.sock")
+    control = control or str(tmp_path / "control.sock")
     notify = NotifyReceiver(str(tmp_path / "service-notify.sock"))
     log_path = tmp_path / "supervisor.log"
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NOTIFY_SOCKET=notify.path)

@@ -97,7 +97,10 @@ def test_two_apps_need_no_control_flag(
         web.notify.close()
         raise
     try:
-        sockets = sorted(p.name for p in (runtime / "nodrop").iterdir())
+        entries = sorted(p.name for p in (runtime / "nodrop").iterdir())
+        sockets = [name for name in entries if name.endswith(".sock")]
+        # Beside each control socket, its supervisor's recovery state (docs/recovery.md).
+        assert entries == sorted([*sockets, *(f"{name}.state" for name in sockets)]), entries
         assert sockets[1] == "web.sock", sockets
         assert sockets[0].startswith("tcp-127.0.0.1-0-pid"), sockets
         api_name = sockets[0].removesuffix(".sock")

@@ -13,7 +13,7 @@ generation must run the new release: its code, its venv, its nodrop.
 
 What is exercised: the unit's ExecStart and ExecReload lines, with only
 paths substituted, started the way systemd starts them (cwd ``/``,
-``NOTIFY_SOCKET``, SIGTERM to the main pid for ``KillMode=mixed``), and
+``NOTIFY_SOCKET``, SIGTERM to the main pid for ``KillMode=process``), and
 ``systemd-analyze verify`` on the substituted units. What is not (there is
 no systemd as PID 1 here): systemd itself starting, reloading and stopping
 the unit, ``RuntimeDirectory=`` creation, ``Restart=``, the journal.
@@ -231,7 +231,7 @@ def test_flip_current_and_reload_runs_the_new_release(
         assert http_get(port).startswith("release=2 gen=2 ")
         flip(layout, "2")  # the deploy tool's rollback of the link
 
-        os.kill(pid, signal.SIGTERM)  # KillMode=mixed: the main process only
+        os.kill(pid, signal.SIGTERM)  # KillMode=process: the main process only
         assert waitpid_status(pid, timeout=45) == 0
         sup.wait_for_field("STOPPING")
     finally:

@@ -40,7 +40,8 @@ pytestmark = pytest.mark.slow
 
 def test_changelog_starts_with_this_version() -> None:
     text = (ROOT / "CHANGELOG.md").read_text()
-    versions = re.findall(r"^## (\S+)", text, flags=re.MULTILINE)
+    # Changes not released yet go under "## Unreleased", above the version.
+    versions = [v for v in re.findall(r"^## (\S+)", text, flags=re.MULTILINE) if v != "Unreleased"]
     assert versions, "CHANGELOG.md has no '## VERSION' heading"
     assert versions[0] == VERSION, (versions[0], VERSION)
     assert len(versions) == len(set(versions))

@@ -15,6 +15,8 @@ Options (for the tests' broken versions):
                         accepts anything (a crash in post-start-up initialisation)
   --ready-after S       send READY=1 only after S seconds
   --ignore-term         keep serving on SIGTERM (drain never ends)
+  --tick S              print "tick N" to stdout every S seconds, dying of
+                        SIGPIPE as a C program would if stdout has no reader
 """
 
 import argparse
@@ -33,6 +35,7 @@ parser.add_argument("--never-ready", action="store_true")
 parser.add_argument("--crash-after-ready", type=float)
 parser.add_argument("--ready-after", type=float, default=0.0)
 parser.add_argument("--ignore-term", action="store_true")
+parser.add_argument("--tick", type=float)
 args = parser.parse_args()
 
 if args.exit_at_start is not None:
@@ -73,10 +76,27 @@ def handle(conn: socket.socket) -> None:
 def notify(message: bytes) -> None:
     path = os.environ.get("NOTIFY_SOCKET")
     if path:
+        # As sd_notify(3): an error is returned, not fatal (the supervisor
+        # that started us may have been killed meanwhile).
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect("\0" + path[1:] if path.startswith("@") else path)
-            s.send(message)
+            try:
+                s.connect("\0" + path[1:] if path.startswith("@") else path)
+                s.send(message)
+            except OSError:
+                pass
 
+
+if args.tick is not None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+    def tick() -> None:
+        n = 0
+        while True:
+            n += 1
+            print(f"tick {n}", flush=True)
+            time.sleep(args.tick)
+
+    threading.Thread(target=tick, daemon=True).start()
 
 sel = selectors.DefaultSelector()
 for lst in listeners:

@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.supervisor.reexec import load_state, restore
     from nodrop.supervisor.strategies import make_listeners
     from nodrop.supervisor.supervisor import Supervisor, run_supervisor
+    from nodrop.supervisor.takeover import Recovery, take_over
     from nodrop.systemd.activation import listen_fds
 
     values = cli_values(args)
@@ -212,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             metrics_server=MetricsServer(bind_metrics(args.metrics)) if args.metrics else None,
             broker=None if broker_state is None else ConnectionBroker.from_state(broker_state),
+            recovery=Recovery(state["control"]["path"]),
         )
         os.environ.pop("NOTIFY_SOCKET", None)
         become_subreaper()
@@ -236,10 +238,12 @@ def run(args: argparse.Namespace) -> int:
     listeners = make_listeners(
         config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
     )
+    recovery = take_over(control, listeners)  # a killed predecessor's workers, if any
     supervisor = Supervisor(
         config,
         listeners,
         control_path=control,
+        recovery=recovery,
         config_path=args.config,
         cli_values=values,
         tag_output=not args.no_tag_output,

@@ -21,8 +21,9 @@ def register(subparsers: Any) -> None:
             "draining) with its workers' pids and ages, the listeners with their "
             "accept-queue depth, recent reloads with outcome, duration and ledger "
             "(what became of the old generation's connections), and warnings. "
-            "Exits 0 when a generation is active and serving (usable as a readiness probe), "
-            "3 otherwise, 2 when no supervisor answers."
+            "Exits 0 when a generation is active and serving with every worker it asks for "
+            "(usable as a readiness probe), 3 otherwise (also when degraded: fewer live workers "
+            "than asked), 2 when no supervisor answers."
         ),
     )
     add_control_argument(parser)
@@ -112,7 +113,11 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def serving(status: dict[str, Any]) -> bool:
-    return status.get("active_generation") is not None and not status.get("stopping")
+    return (
+        status.get("active_generation") is not None
+        and not status.get("stopping")
+        and not status.get("degraded")
+    )
 
 
 def run_all(fmt: str) -> int:

@@ -42,6 +42,9 @@ class StatusReply(TypedDict):
     reloads: list[dict[str, Any]]
     restarts_last_minute: int
     restarts_total: int
+    restart_failures: int
+    degraded: bool
+    recovery: dict[str, Any] | None
     crash_loop: bool
     warnings: list[str]
     summary: str

@@ -75,6 +75,11 @@ class GenerationSet:
         """Called right before a generation's workers get SIGKILL."""
         self.restart_count = 0
         """Worker restarts scheduled since the supervisor started."""
+        self.on_change: Callable[[], None] = lambda: None
+        """Called after every spawn, exit and change of state (the recovery
+        state is written then: :mod:`.recovery`)."""
+        self.restart_failures = 0
+        """Restart attempts that could not spawn (each is tried again)."""
         self._workers: dict[int, tuple[Worker, Generation]] = {}
 
     # -- starting -------------------------------------------------------------
@@ -94,6 +99,7 @@ class GenerationSet:
             except OSError as exc:
                 gen.note = f"cannot start worker {index}: {exc}"
                 break
+            self.on_change()  # recorded before anything else can happen
         return gen
 
     def _spawn(self, gen: Generation, index: int, restarts: int = 0) -> Worker:
@@ -108,6 +114,10 @@ class GenerationSet:
                 pipes[0][1] if pipes else None,
                 pipes[1][1] if pipes else None,
                 gen.cwd,
+                # The worker holds its own pipes' read ends (unannounced, after
+                # its listeners): if we die, its writes neither fail nor kill
+                # it, and our successor takes them (docs/recovery.md).
+                keep=[r for r, _ in pipes],
             )
         except OSError:
             for r, w in pipes:
@@ -117,6 +127,9 @@ class GenerationSet:
         for _, w in pipes:
             os.close(w)
         worker = Worker(gen.number, index, pid, started=self.clock(), restarts=restarts)
+        if pipes:
+            first = len(gen.listeners) + 3
+            worker.output_fds = (first, first + 1)
         self.output.attach(pid, worker.label, [r for r, _ in pipes], worker.stderr_tail.append)
         self._workers[pid] = (worker, gen)
         if config.ready.mode is ReadyMode.DELAY:
@@ -153,6 +166,7 @@ class GenerationSet:
         gen.ready_at = max(w.ready_at or 0.0 for w in gen.workers)
         old = [g for g in self.all if g.state is GenState.ACTIVE and g is not gen]
         self.active = gen
+        self.on_change()
         return old
 
     # -- stopping -------------------------------------------------------------
@@ -166,6 +180,7 @@ class GenerationSet:
         if not gen.begin_drain(self.clock(), note, failed):
             return
         self.listeners.draining(gen.listeners)
+        self.on_change()
         for worker in gen.live_workers():
             self.processes.signal(worker.pid, gen.config.drain_signal)
         if not gen.live_workers():
@@ -231,7 +246,8 @@ class GenerationSet:
     # -- children exiting -------------------------------------------------------
     def reap(self) -> None:
         """Collect exited children: restart active workers, finish generations."""
-        for pid, code in self.processes.reap():
+        reaped = self.processes.reap()
+        for pid, code in reaped:
             entry = self._workers.pop(pid, None)
             self.output.detach(pid)
             if entry is None:
@@ -249,6 +265,8 @@ class GenerationSet:
                 self._schedule_restart(gen, worker)
             elif not gen.live_workers() and gen.state in (GenState.DRAINING, GenState.FAILED):
                 self._exited(gen)
+        if reaped:
+            self.on_change()
 
     @property
     def running(self) -> int:
@@ -275,9 +293,19 @@ class GenerationSet:
         try:
             new = self._spawn(gen, index, restarts)
         except OSError as exc:
-            self.warn(f"cannot restart worker {index} of generation {gen.number}: {exc}")
+            # Out of fds or processes now is not out of them for ever: try
+            # again with the backoff, and say so each time (``status`` shows
+            # the generation short of workers meanwhile).
+            delay = self.restarts.delay(restarts + 1)
+            self.warn(
+                f"cannot restart worker {index} of generation {gen.number}: {exc}; "
+                f"trying again in {delay:.1f}s"
+            )
+            self.restart_failures += 1
+            asyncio.get_running_loop().call_later(delay, self._restart, gen, index, restarts + 1)
             return
         gen.workers = [new if w.index == index else w for w in gen.workers]
+        self.on_change()
 
     # -- queries ----------------------------------------------------------------
     def worker_of(self, pid: int) -> tuple[Worker, Generation] | None:

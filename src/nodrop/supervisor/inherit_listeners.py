@@ -83,6 +83,13 @@ class InheritListeners:
         self._previous: list[HeldSocket] | None = None
         self._held: list[HeldSocket] = list(inherited)  # everything we may have to close
 
+    def take(self, held: Sequence[HeldSocket]) -> None:
+        """Sockets taken from a killed supervisor's workers (:mod:`.takeover`):
+        held from now on, and reused by the next :meth:`prepare` for every
+        listener they match."""
+        self._registry.sockets.extend(held)
+        self._held.extend(held)
+
     @property
     def current(self) -> list[HeldSocket]:
         return list(self._registry.sockets)

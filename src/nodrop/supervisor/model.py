@@ -52,6 +52,8 @@ class Worker:
     status_text: str = ""
     stopping_at: float | None = None
     """When it said STOPPING=1 (it has stopped accepting)."""
+    output_fds: tuple[int, ...] = ()
+    """Where the worker holds the read ends of its own output pipes (fd numbers in it)."""
     stderr_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )

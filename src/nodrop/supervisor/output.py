@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
 
 MAX_LINE = 64 * 1024
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1024 * 1024
+DRAIN_AT_CLOSE = 4 * 1024 * 1024
+"""At most this many bytes still in a pipe are read when it closes (a
+grandchild that keeps the write end open must not hold the loop)."""
 
 
 class TaggedStream:
@@ -38,15 +44,24 @@ class TaggedStream:
         loop.add_reader(fd, self._read)
 
     def _read(self) -> None:
-        try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
+        data = self._read_chunk()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.close()
             return
+        self._take(data)
+
+    def _read_chunk(self) -> bytes | None:
+        """What the pipe has: bytes, b"" at EOF (or error), None if nothing now."""
+        try:
+            return os.read(self._fd, 65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def _take(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > MAX_LINE:
@@ -65,8 +80,18 @@ class TaggedStream:
                 self._on_line(line.decode("utf-8", "replace"))
 
     def close(self) -> None:
+        """Pass on what is still in the pipe (to EOF, or to what is there
+        now if another process keeps the write end open), then close it: a
+        worker's last lines -- often why it failed -- are never lost."""
         if self._fd < 0:
             return
+        budget = DRAIN_AT_CLOSE
+        while budget > 0:
+            data = self._read_chunk()
+            if not data:
+                break
+            budget -= len(data)
+            self._take(data)
         if self._partial:
             self._emit([self._partial])
             self._partial = b""
@@ -89,7 +114,19 @@ class WorkerOutput:
         """(read, write) pairs for a new worker's stdout and stderr, or none."""
         if not self.enabled:
             return []
-        return [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
+        first = os.pipe2(os.O_CLOEXEC)
+        try:
+            pairs = [first, os.pipe2(os.O_CLOEXEC)]
+        except OSError:  # EMFILE: leave no half of the pair open
+            os.close(first[0])
+            os.close(first[1])
+            raise
+        for r, _ in pairs:
+            # Room for what a worker writes while no supervisor reads (ours
+            # died, the next is on its way); the default is 64 KiB.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
+        return pairs
 
     def attach(
         self, pid: int, label: str, read_fds: list[int], on_stderr: Callable[[str], None]

@@ -32,6 +32,7 @@ class Processes(Protocol):
         stdout: int | None,
         stderr: int | None,
         cwd: str | None = None,
+        keep: Sequence[int] = (),
     ) -> int: ...
 
     def signal(self, pid: int, sig: int) -> None: ...
@@ -61,8 +62,11 @@ class OsProcesses:
         stdout: int | None,
         stderr: int | None,
         cwd: str | None = None,
+        keep: Sequence[int] = (),
     ) -> int:
-        return spawn(argv, env=env, fds=fds, names=names, stdout=stdout, stderr=stderr, cwd=cwd)
+        return spawn(
+            argv, env=env, fds=fds, names=names, stdout=stdout, stderr=stderr, cwd=cwd, keep=keep
+        )
 
     def signal(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):

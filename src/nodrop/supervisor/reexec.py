@@ -27,7 +27,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from nodrop.errors import NodropError
 from nodrop.listeners.held import HeldSocket
@@ -61,6 +61,7 @@ class WorkerRecord(TypedDict):
     status: str
     stderr_tail: list[str]
     streams: list[int]
+    output_fds: NotRequired[list[int]]
 
 
 class GenerationRecord(TypedDict):
@@ -126,6 +127,7 @@ def worker_state(worker: Worker, streams: list[int]) -> WorkerRecord:
         "status": worker.status_text,
         "stderr_tail": list(worker.stderr_tail),
         "streams": streams,
+        "output_fds": list(worker.output_fds),
     }
 
 
@@ -142,6 +144,7 @@ def _worker_from(data: WorkerRecord) -> Worker:
         data["status"],
     )
     worker.stderr_tail.extend(data["stderr_tail"])
+    worker.output_fds = tuple(data.get("output_fds", ()))
     return worker
 
 

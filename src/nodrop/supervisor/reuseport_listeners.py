@@ -93,6 +93,7 @@ class ReuseportListeners:
         self._unix = InheritListeners(inherited)
         self._steering: dict[Key, ReuseportSteering] = {}
         self._ours: list[HeldSocket] = []  # reuseport sockets we still hold a copy of
+        self._taken: list[HeldSocket] = []  # from a killed supervisor's workers, until prepare
         self._active: list[HeldSocket] = []
         self._warnings: list[str] = []
 
@@ -138,10 +139,24 @@ class ReuseportListeners:
             self._warnings.append(message)
             self._log(f"warning: {message}")
 
+    def take(self, held: Sequence[HeldSocket]) -> None:
+        """Sockets taken from a killed supervisor's workers (:mod:`.takeover`):
+        the next :meth:`prepare` binds beside them (port-0 specs get their
+        ports), then lets go of them -- the orphans' own copies keep them
+        until they close, and the kernel migrates their queues then."""
+        self._taken = [h for h in held if h.identity.family != socket.AF_UNIX]
+        self._active = list(self._taken)
+        for extra in held:
+            if extra not in self._taken:
+                extra.sock.close()
+
     # -- ListenerProvider -------------------------------------------------------
     def prepare(self, config: RunConfig) -> list[HeldSocket]:
         targets = resolve_all(config.listen)
         inet = pin_wildcard_ports([t for t in targets if t.family != socket.AF_UNIX], self._active)
+        taken, self._taken = self._taken, []
+        for held in taken:
+            held.sock.close()
         unix_config = RunConfig(
             command=config.command,
             listen=tuple(t.spec for t in targets if t.family == socket.AF_UNIX),
@@ -261,6 +276,7 @@ class ReuseportListeners:
         self.method, self.reason = state["method"], state["reason"]
         self._unix = InheritListeners.from_state(state["unix"], held[: state["shared"]])
         self._ours = [held[i] for i in state["ours"]]
+        self._taken = []
         self._active = [held[i] for i in state["active"]]
         self._warnings = list(state["warnings"])
         self._steering = {}

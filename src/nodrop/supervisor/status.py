@@ -17,12 +17,24 @@ from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers, ReloadLedger
 from nodrop.supervisor.metrics import Metrics
 from nodrop.supervisor.metrics_http import MetricsServer
-from nodrop.supervisor.model import Generation, ReloadOutcome
+from nodrop.supervisor.model import Generation, ReloadOutcome, WorkerState
 from nodrop.supervisor.restarts import RestartPolicy
 
 
 class _Counting(Protocol):
     def stats(self) -> dict[str, Any]: ...
+
+
+class _StateFile(Protocol):
+    @property
+    def path(self) -> str: ...
+
+
+class _Recovering(Protocol):
+    @property
+    def file(self) -> _StateFile: ...
+
+    def status(self) -> list[dict[str, Any]]: ...
 
 
 class Observed(Protocol):
@@ -46,6 +58,9 @@ class Observed(Protocol):
     events: EventLog
 
     @property
+    def recovery(self) -> _Recovering | None: ...
+
+    @property
     def broker(self) -> _Counting | None: ...
     @property
     def active(self) -> Generation | None: ...
@@ -56,6 +71,27 @@ class Observed(Protocol):
     @property
     def stopping(self) -> bool: ...
     def status_line(self) -> str: ...
+
+
+def short_of_workers(gen: Generation | None) -> tuple[int, int] | None:
+    """(ready, asked) when the active generation serves with fewer ready
+    workers than its config asks (a restart that failed, one still in its
+    backoff or not ready yet)."""
+    if gen is None:
+        return None
+    live = sum(w.state is WorkerState.READY for w in gen.workers)
+    asked = gen.config.workers
+    return (live, asked) if live < asked else None
+
+
+def summary_line(gen: Generation | None) -> str:
+    """One line: what the supervisor serves (``STATUS=``, ``nodrop status``)."""
+    if gen is None:
+        return "starting"
+    short = short_of_workers(gen)
+    if short is not None:
+        return f"generation {gen.number} DEGRADED: serving with {short[0]} of {short[1]} worker(s)"
+    return f"generation {gen.number} serving with {len(gen.live_workers())} worker(s)"
 
 
 def build_status(sup: Observed) -> api.StatusReply:
@@ -82,12 +118,17 @@ def build_status(sup: Observed) -> api.StatusReply:
         "reloads": reloads,
         "restarts_last_minute": sup.restarts.recent(now),
         "restarts_total": sup.gens.restart_count,
+        "restart_failures": sup.gens.restart_failures,
+        "degraded": short_of_workers(sup.active) is not None,
         "crash_loop": sup.restarts.crash_loop(now),
         "warnings": list(sup.listeners.warnings()) + list(sup.warnings_log),
         "summary": sup.status_line(),
         "handoff": None if sup.broker is None else sup.broker.stats(),
         "metrics": sup.metrics.to_dict(),
         "metrics_address": None if sup.metrics_server is None else sup.metrics_server.address,
+        "recovery": None
+        if sup.recovery is None
+        else {"state": sup.recovery.file.path, "orphans": sup.recovery.status()},
     }
 
 

@@ -55,8 +55,10 @@ from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
-from nodrop.supervisor.status import build_status, record_ledger, record_reload
+from nodrop.supervisor.status import build_status, record_ledger, record_reload, summary_line
+from nodrop.supervisor.stopping import stop_gracefully
 from nodrop.supervisor.switchover import Switchover
+from nodrop.supervisor.takeover import Recovery
 from nodrop.systemd.notify import notify as sd_notify
 from nodrop.systemd.receiver import NotifyReceiver
 
@@ -102,6 +104,7 @@ class Supervisor:
         name: str = "nodrop",
         log_format: str = "text",
         metrics_server: MetricsServer | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
@@ -112,6 +115,7 @@ class Supervisor:
         self.tag_output = tag_output
         self.name = name
         self.metrics_server = metrics_server
+        self.recovery = recovery
         self.events = EventLog(log or sys.stderr, log_format)
         self.service_notify = service_notify_socket
         self.broker = broker
@@ -145,6 +149,7 @@ class Supervisor:
         self._next: asyncio.Future[ReloadOutcome] | None = None
         self._stopping = False
         self._stopped: asyncio.Future[int] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.notify: NotifyReceiver | None = None
         self.notify_garbage = RateLimitedLog(self.log, "ignored notify messages")
@@ -213,6 +218,8 @@ class Supervisor:
                 self._adopt(resume)  # before the broker: it maps peers to workers
             if self.broker is not None:
                 await self.broker.start(self)
+            if (recovery := self.recovery) is not None:
+                recovery.start(self)  # before generation 1: its spawns are recorded
             if resume is not None:
                 self.log(
                     f"re-executed (#{self.reexecs}): generation "
@@ -231,6 +238,8 @@ class Supervisor:
             self.log(
                 f"generation {outcome.generation} ready in {outcome.duration:.3f}s; control socket {self.control_path}"
             )
+            if recovery is not None:
+                recovery.serving(self.config)
             self._tell_service_manager(
                 READY="1", MAINPID=str(os.getpid()), STATUS=self.status_line()
             )
@@ -276,13 +285,15 @@ class Supervisor:
         gen = self.gens.start(config, listeners)
         why = await wait_ready(gen, config.ready_timeout, config.ready_grace, self.clock)
         if why is not None or self._stopping:
-            if self._stopping and why is None:
-                why = "the supervisor is stopping"
+            if self._stopping:  # not a rollback: nothing keeps serving
+                why = "abandoned: the supervisor is stopping"
             self.listeners.abort(listeners)
             self.gens.drain(gen, note=why or "", failed=True)
             # The verdict on the first line; a worker's captured stderr after it.
             head, _, rest = (why or "").partition("\n")
-            suffix = "" if first else "; rolled back, the old generation keeps serving"
+            suffix = (
+                "" if first or self._stopping else "; rolled back, the old generation keeps serving"
+            )
             return failed(f"{head}{suffix}" + (f"\n{rest}" if rest else ""), gen.number)
         old = self.gens.activate(gen)
         self.listeners.activate(listeners)
@@ -378,7 +389,8 @@ class Supervisor:
         self._stopping = True
         self.gens.stopping = True
         self._tell_service_manager(STOPPING="1", STATUS="stopping")
-        self.gens.drain_all()
+        # No new connection, the queue served, then the drain (see .stopping).
+        self._stop_task = asyncio.ensure_future(stop_gracefully(self.gens, self.clock, self.log))
 
     async def stop_and_wait(self) -> None:
         self.stop()
@@ -404,14 +416,16 @@ class Supervisor:
         self.output.close()
         for fut in (self._current, self._next):
             if fut is not None and not fut.done():
-                now = self.clock()
-                fut.set_result(ReloadOutcome(False, None, "the supervisor stopped", now, now))
+                now, why = self.clock(), "abandoned: the supervisor stopped"
+                fut.set_result(ReloadOutcome(False, None, why, now, now))
         if self.control is not None:
             await self.control.aclose()
             with contextlib.suppress(OSError):
                 os.unlink(self.control_path)
         if self.broker is not None:
             self.broker.close()
+        if self.recovery is not None:
+            self.recovery.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.notify is not None:
@@ -425,10 +439,7 @@ class Supervisor:
         return self.gens.worker_of(pid)
 
     def status_line(self) -> str:
-        gen = self.active
-        if gen is None:
-            return "starting"
-        return f"generation {gen.number} serving with {len(gen.live_workers())} worker(s)"
+        return summary_line(self.active)
 
     def status(self) -> api.StatusReply:
         """Everything ``nodrop status`` shows."""

@@ -101,6 +101,7 @@ def spawn(
     stderr: int | None = None,
     process_group: bool = True,
     cwd: str | None = None,
+    keep: Sequence[int] = (),
 ) -> int:
     """Start ``argv`` with ``fds`` passed systemd-style.
 
@@ -116,6 +117,10 @@ def spawn(
         cwd: the child's working directory (default: ours). The shim changes
             into it, so a relative command path (``venv/bin/python``) is
             looked up there; a missing directory makes the child exit 126.
+        keep: more fds for the child, right after ``fds`` (at 3 + len(fds),
+            ...) but not counted in ``LISTEN_FDS``: what it must hold without
+            knowing (nodrop's recovery keeps the read ends of the worker's own
+            output pipes there, see docs/recovery.md).
 
     Returns:
         The child's pid (also the pid the command has after the shim's exec).
@@ -149,8 +154,9 @@ def spawn(
     # Copy the fds above the target range first: a source that already sits at
     # its target number would otherwise keep FD_CLOEXEC (dup2(fd, fd) is a
     # no-op), and one sitting at another target would be overwritten.
-    floor = SD_LISTEN_FDS_START + len(fds)
-    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in fds]
+    placed = [*fds, *keep]
+    floor = SD_LISTEN_FDS_START + len(placed)
+    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in placed]
     actions: list[tuple[int, int, int]] = []
     try:
         for std_fd, src in ((0, stdin), (1, stdout), (2, stderr)):
@@ -158,7 +164,7 @@ def spawn(
                 temp = fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, floor)
                 temps.append(temp)
                 actions.append((os.POSIX_SPAWN_DUP2, temp, std_fd))
-        for i, temp in enumerate(temps[: len(fds)]):
+        for i, temp in enumerate(temps[: len(placed)]):
             actions.append((os.POSIX_SPAWN_DUP2, temp, SD_LISTEN_FDS_START + i))
         if process_group:
             return os.posix_spawn(

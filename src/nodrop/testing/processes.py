@@ -118,9 +118,10 @@ class FakeProcesses:
         stdout: int | None,
         stderr: int | None,
         cwd: str | None = None,
+        keep: Sequence[int] = (),
     ) -> int:
         """Start a fake process; its pid. Raises the next of :attr:`spawn_errors`."""
-        del stdout, stderr, cwd  # the fake writes no output and has no directory
+        del stdout, stderr, cwd, keep  # the fake writes no output and has no directory
         if self.spawn_errors:
             raise self.spawn_errors.pop(0)
         pid = self._next_pid
