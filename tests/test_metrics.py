@@ -191,6 +191,15 @@ def test_scrape_and_ledger_of_a_running_supervisor(supervise: Start, handoff: bo
     else:
         assert entry["handed_over"] == 0, entry
         assert entry["finished"] == 5, entry
+    # Where the reload's time went: the app's part and nodrop's (issue 16, item 3).
+    timing = sup.status()["reloads"][-1]["timing"]
+    assert set(timing) == {"control_plane", "app_start", "ready_grace", "stop_accepting", "drain"}
+    assert timing["drain"] == entry["drain_duration"], (timing, entry)
+    assert all(value >= 0 for value in timing.values()), timing
+    assert timing["app_start"] > 0, timing
+    text = sup.cli("status")
+    assert "time: nodrop " in text.stdout, text.stdout
+    assert ", app start " in text.stdout, text.stdout
     sup.reload()  # a second reload, and one that fails
     fams = families(scrape(address))
     assert sample(fams, "nodrop_reloads", "nodrop_reloads_total", outcome="ok") == 2

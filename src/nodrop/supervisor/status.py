@@ -10,6 +10,7 @@ from nodrop._version import __version__
 from nodrop.supervisor import api
 from nodrop.supervisor.ledger import ReloadLedger
 from nodrop.supervisor.model import ReloadOutcome
+from nodrop.supervisor.timing import with_drain
 
 if TYPE_CHECKING:
     from nodrop.supervisor.supervisor import Supervisor
@@ -22,6 +23,7 @@ def build_status(sup: Supervisor) -> api.StatusReply:
     for outcome in sup.history:
         entry = outcome.to_dict()
         entry["ledger"] = sup.ledgers.for_reload(outcome.old_generations)
+        entry["timing"] = with_drain(outcome.timing, entry["ledger"])
         reloads.append(entry)
     return {
         "pid": os.getpid(),
