@@ -68,6 +68,9 @@ def test_requests_split_by_window_and_phase() -> None:
         "after": [0.007],
     }
     assert Latency.of(window).max == 0.02
+    steady, window, _ = split_requests(starts, latencies, ok, [reload], since=10.55)
+    assert steady == [0.007, 0.008]  # the warm-up left out
+    assert window == [0.004, 0.005, 0.006]
 
 
 def test_cpu_is_counted_per_phase_and_group() -> None:

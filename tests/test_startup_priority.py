@@ -23,6 +23,7 @@ from nodrop.supervisor.priority import (
     lower,
     parse_startup_priority,
     restore,
+    threads_of,
 )
 from nodrop.testing.waiting import wait_for
 from supervisor_harness import Start
@@ -59,18 +60,40 @@ def _policy_and_nice(pid: int) -> tuple[int, int]:
     return int(fields[38]), int(fields[16])  # policy (field 41), nice (field 19)
 
 
+def _thread_policy(pid: int, tid: int) -> int:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[38])
+
+
 def test_lower_and_restore_a_real_process() -> None:
     own_policy = os.sched_getscheduler(0)
     own_nice = os.getpriority(os.PRIO_PROCESS, 0)
-    with subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"]) as proc:
+    # A thread started while lowered inherits the policy: restore() reaches it too.
+    code = (
+        "import sys, threading, time; sys.stdin.readline(); "
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+        "print(flush=True); time.sleep(60)"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         try:
             assert lower(proc.pid, StartupPriority.IDLE) is None
             assert _policy_and_nice(proc.pid)[0] == os.SCHED_IDLE
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            proc.stdout.readline()
+            tids = threads_of(proc.pid)
+            assert len(tids) == 2
+            assert {_thread_policy(proc.pid, t) for t in tids} == {os.SCHED_IDLE}
             why = restore(proc.pid, StartupPriority.IDLE)
             if why is not None:  # an unprivileged run without RLIMIT_NICE: said, not hidden
                 assert "CAP_SYS_NICE" in why
                 pytest.skip(why)
             assert _policy_and_nice(proc.pid)[0] == own_policy
+            assert {_thread_policy(proc.pid, t) for t in tids} == {own_policy}
             assert lower(proc.pid, StartupPriority.LOW) is None
             assert _policy_and_nice(proc.pid)[1] == min(19, own_nice + LOW_NICE)
             assert restore(proc.pid, StartupPriority.LOW) is None

@@ -11,6 +11,7 @@ from typing import Any
 
 from latency.phases import (
     PHASES,
+    WARMUP,
     Latency,
     ReloadMoments,
     cpu_by_phase,
@@ -163,7 +164,7 @@ def _analyze(out: RunResult, raw: Any, moments: list[ReloadMoments], sampler: Sa
             )
     out.moments = moments
     out.steady, out.window, out.phases = split_requests(
-        samples.starts, samples.latencies, ok, moments
+        samples.starts, samples.latencies, ok, moments, since=raw.started + WARMUP
     )
     cpus = len(os.sched_getaffinity(0))
     elapsed = max(raw.ended - raw.started, 1e-9)

@@ -12,7 +12,9 @@ HAProxy) reports, all in ``time.monotonic()`` seconds:
 * ``drain``: from then until the old generation has exited;
 * ``after``: :data:`AFTER_WINDOW` seconds after the old generation exited.
 
-A request belongs to the phase its *start* falls in. ``steady`` is every
+A request belongs to the phase its *start* falls in. The first
+:data:`WARMUP` seconds of a run count nowhere: fresh workers serving their
+first requests are not the steady state. ``steady`` is every
 request that overlaps no reload window at all (the definition of
 :mod:`nodrop.load.stats`), and ``window`` every request that overlaps one.
 Percentiles are exact (nearest rank on the sorted latencies).
@@ -30,6 +32,8 @@ from typing import Any
 FIRST_WINDOW = 0.2
 #: Seconds after the old generation exited, to see whether a tail lingers.
 AFTER_WINDOW = 0.5
+#: Seconds at the start of a run left out of every figure.
+WARMUP = 1.0
 PHASES = ("starting", "switch", "first", "drain", "after")
 
 
@@ -121,8 +125,10 @@ def split_requests(
     latencies: Sequence[float],
     ok: Sequence[bool],
     reloads: Sequence[ReloadMoments],
+    since: float = -math.inf,
 ) -> tuple[list[float], list[float], dict[str, list[float]]]:
-    """Latencies of the successful requests: steady, in a window, and by phase."""
+    """Latencies of the successful requests: steady, in a window, and by phase
+    (requests that started before ``since`` -- the run's warm-up -- count nowhere)."""
     windows = sorted((r.started, r.old_exited) for r in reloads)
     win_starts = [w[0] for w in windows]
     steady: list[float] = []
@@ -133,7 +139,7 @@ def split_requests(
     cut_starts = [c[0] for c in cuts]
     by_phase: dict[str, list[float]] = {name: [] for name in PHASES}
     for start, latency, good in zip(starts, latencies, ok, strict=True):
-        if not good:
+        if not good or start < since:
             continue
         end = start + latency
         i = bisect.bisect_right(win_starts, end) - 1

@@ -59,14 +59,32 @@ def lower(pid: int, priority: StartupPriority) -> str | None:
     return None
 
 
+def threads_of(pid: int, proc: str = "/proc") -> list[int]:
+    """The thread ids of ``pid`` (just ``pid`` if they cannot be listed)."""
+    try:
+        return [int(tid) for tid in os.listdir(f"{proc}/{pid}/task")]
+    except (OSError, ValueError):
+        return [pid]
+
+
 def restore(pid: int, priority: StartupPriority) -> str | None:
     """Give a worker that said READY=1 the supervisor's own priority back;
-    why not, or None (a worker already gone is not an error)."""
+    why not, or None (a worker already gone is not an error).
+
+    Priority and policy belong to each thread on Linux, and threads started
+    during start-up inherited the lowered one: every thread is restored.
+    """
+    if priority is StartupPriority.NORMAL:
+        return None
     try:
-        if priority is StartupPriority.LOW:
-            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
-        elif priority is StartupPriority.IDLE:
-            os.sched_setscheduler(pid, os.sched_getscheduler(0), os.sched_getparam(0))
+        for tid in threads_of(pid):
+            try:
+                if priority is StartupPriority.LOW:
+                    os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, 0))
+                else:
+                    os.sched_setscheduler(tid, os.sched_getscheduler(0), os.sched_getparam(0))
+            except ProcessLookupError:
+                continue  # that thread (or the whole worker) is gone
     except ProcessLookupError:
         return None
     except OSError as exc:
