@@ -7,6 +7,7 @@ carries reloads and ledgers. The parsers under them are tested table-driven.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import sys
@@ -103,6 +104,43 @@ def test_sock_diag_sees_a_real_connection() -> None:
             assert seen[inode].local_port == server.getsockname()[1]
 
 
+def test_sock_diag_port_filter_bytecode() -> None:
+    code = sockdiag.port_filter([9000, 8000, 8000])
+    ops = [struct.unpack_from("=BBH", code, i) for i in range(0, len(code), 4)]
+    assert ops == [
+        (sockdiag.INET_DIAG_BC_S_EQ, 8, 12), (0, 0, 8000), (sockdiag.INET_DIAG_BC_JMP, 4, 20),
+        (sockdiag.INET_DIAG_BC_S_EQ, 8, 12), (0, 0, 9000), (sockdiag.INET_DIAG_BC_JMP, 4, 8),
+        (sockdiag.INET_DIAG_BC_JMP, 4, 8),
+    ]  # fmt: skip
+    request = sockdiag.dump_request(socket.AF_INET, ports=[8000])
+    assert struct.unpack_from("=I", request)[0] == len(request) == 16 + 56 + 4 + 16
+    assert struct.unpack_from("=HH", request, 72) == (20, sockdiag.INET_DIAG_REQ_BYTECODE)
+    error = struct.pack("=IHHIIi", 36, sockdiag.NLMSG_ERROR, 0, 1, 0, -22) + b"\0" * 16
+    assert sockdiag.is_error(error)
+    assert not sockdiag.is_error(struct.pack("=IHHIIi", 36, sockdiag.NLMSG_ERROR, 0, 1, 0, 0))
+    assert not sockdiag.is_error(struct.pack("=IHHII", 20, sockdiag.NLMSG_DONE, 2, 1, 0))
+
+
+def test_sock_diag_filters_by_port_in_the_kernel() -> None:
+    with (
+        socket.create_server(("127.0.0.1", 0)) as one,
+        socket.create_server(("127.0.0.1", 0)) as two,
+    ):
+        pairs = [(socket.create_connection(s.getsockname()), s) for s in (one, two, two)]
+        accepted = [s.accept()[0] for _, s in pairs]
+        try:
+            port = two.getsockname()[1]
+            mine = {os.fstat(c.fileno()).st_ino for c in accepted[1:]}
+            everything = sockdiag.connections()
+            filtered = sockdiag.connections([port])
+            assert set(filtered) == mine
+            assert {i for i, c in everything.items() if c.local_port == port} == mine
+            assert sockdiag.connections([]) == {}
+        finally:
+            for sock in [c for c, _ in pairs] + accepted:
+                sock.close()
+
+
 def test_histogram_is_cumulative() -> None:
     h = Histogram((0.1, 1.0))
     for value in (0.05, 0.5, 2.0):
@@ -191,6 +229,15 @@ def test_scrape_and_ledger_of_a_running_supervisor(supervise: Start, handoff: bo
     else:
         assert entry["handed_over"] == 0, entry
         assert entry["finished"] == 5, entry
+    # Where the reload's time went: the app's part and nodrop's (issue 16, item 3).
+    timing = sup.status()["reloads"][-1]["timing"]
+    assert set(timing) == {"control_plane", "app_start", "ready_grace", "stop_accepting", "drain"}
+    assert timing["drain"] == entry["drain_duration"], (timing, entry)
+    assert all(value >= 0 for value in timing.values()), timing
+    assert timing["app_start"] > 0, timing
+    text = sup.cli("status")
+    assert "time: nodrop " in text.stdout, text.stdout
+    assert ", app start " in text.stdout, text.stdout
     sup.reload()  # a second reload, and one that fails
     fams = families(scrape(address))
     assert sample(fams, "nodrop_reloads", "nodrop_reloads_total", outcome="ok") == 2

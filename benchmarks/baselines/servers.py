@@ -279,7 +279,7 @@ def _run_naive(workdir: str, kind: str, apps: _DemoApps) -> Iterator[Target]:
 # --- nginx, HAProxy, gunicorn ---------------------------------------------------
 
 
-def _render(template: str, workdir: str, port: int) -> str:
+def render_config(template: str, workdir: str, port: int) -> str:
     text = string.Template((HERE / template).read_text()).substitute(dir=workdir, port=port)
     path = os.path.join(workdir, template.removesuffix(".template"))
     Path(path).write_text(text)
@@ -310,7 +310,7 @@ def start_nginx(workdir: str, app: list[str]) -> Iterator[Target]:
     with procs.reserved_port(HOST) as port:
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.makedirs(os.path.join(workdir, sub), exist_ok=True)
-        conf = _render("nginx.conf.template", workdir, port)
+        conf = render_config("nginx.conf.template", workdir, port)
         with _master([nginx, "-p", workdir, "-c", conf], workdir, "nginx", port) as proc:
 
             def action(started: float) -> ReloadRecord:
@@ -334,7 +334,7 @@ def start_haproxy(workdir: str, app: list[str]) -> Iterator[Target]:
     if haproxy is None:
         raise StartError("haproxy is not installed")
     with procs.reserved_port(HOST) as port:
-        conf = _render("haproxy.cfg.template", workdir, port)
+        conf = render_config("haproxy.cfg.template", workdir, port)
         with _master([haproxy, "-W", "-f", conf], workdir, "haproxy", port) as proc:
 
             def action(started: float) -> ReloadRecord:

@@ -77,6 +77,13 @@ def register(subparsers: Any) -> None:
         "drains; a crash in that window rolls back (default 0.5)",
     )
     parser.add_argument(
+        "--startup-priority",
+        choices=("normal", "low", "idle"),
+        help="CPU priority of new workers until they say READY=1, so that a reload's start-up "
+        "takes less CPU from the workers serving: normal (default), low (nice +10) or idle "
+        "(SCHED_IDLE); restored on READY=1 (needs CAP_SYS_NICE or RLIMIT_NICE, else a warning)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=positive_seconds,
         metavar="S",
@@ -160,6 +167,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given explicitly on the command line."""
     from nodrop.listeners.spec import parse_spec
     from nodrop.supervisor.config import parse_ready, parse_signal, parse_strategy
+    from nodrop.supervisor.priority import parse_startup_priority
 
     command = list(args.command or [])
     if command and command[0] == "--":
@@ -177,6 +185,9 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
         "strategy": parse_strategy(args.strategy) if args.strategy else None,
         "allow_sysctl": args.allow_sysctl,
         "chdir": args.chdir,
+        "startup_priority": parse_startup_priority(args.startup_priority)
+        if args.startup_priority
+        else None,
     }
     return {k: v for k, v in values.items() if v is not None}
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from nodrop.commands._control import add_control_argument, control_path
+from nodrop.supervisor.timing import describe as describe_timing
 
 UNNAMED = "unknown"
 """The LISTEN_FDNAMES entry of a listener nobody named."""
@@ -100,6 +101,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"  reload -> generation {r['generation']}: {mark} in {r['duration']:.3f}s: "
             f"{_first_line(r['message'])}"
         )
+        if r.get("timing"):
+            lines.append(f"    time: {describe_timing(r['timing'])}")
         lines += [format_ledger(ledger) for ledger in r.get("ledger", [])]
     handoff = status.get("handoff")
     if handoff:

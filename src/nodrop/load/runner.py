@@ -10,6 +10,7 @@ the end of the run -- one at a time, so a slow reload delays the next.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import selectors
 import subprocess
@@ -138,7 +139,38 @@ def _do_reload(reloader: Reloader) -> ReloadRecord:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class RawRun:
+    """A run before summarizing: every attempt's sample and every reload's record.
+
+    For callers that attribute latency to moments finer than reload windows
+    (``benchmarks/reload_latency.py``).
+    """
+
+    samples: Samples
+    records: tuple[ReloadRecord, ...]
+    started: float
+    ended: float
+    processes: int
+
+    def summarize(self, config: LoadConfig) -> LoadResult:
+        """The :class:`LoadResult` that :func:`run_load` returns for this run."""
+        return summarize(
+            config,
+            self.samples,
+            list(self.records),
+            started=self.started,
+            ended=self.ended,
+            processes=self.processes,
+        )
+
+
 def run_load(config: LoadConfig, reloader: Reloader | None = None) -> LoadResult:
+    """Run a load and summarize it; see :func:`run_load_raw` for the arguments."""
+    return run_load_raw(config, reloader).summarize(config)
+
+
+def run_load_raw(config: LoadConfig, reloader: Reloader | None = None) -> RawRun:
     """Run a load against ``config.host:config.port``, reloading as configured.
 
     Bounded in time (``duration``, plus one attempt ``timeout`` for attempts
@@ -150,7 +182,7 @@ def run_load(config: LoadConfig, reloader: Reloader | None = None) -> LoadResult
             seconds; ``None`` means no reloads.
 
     Returns:
-        The merged statistics.
+        The merged raw samples and the reload records.
 
     Raises:
         LoadError: a worker failed to start, crashed, or did not report in time.
@@ -203,4 +235,4 @@ def run_load(config: LoadConfig, reloader: Reloader | None = None) -> LoadResult
                 raise LoadError(f"load worker {proc.pid} sent bad samples: {exc}") from exc
     finally:
         _reap(procs)
-    return summarize(config, merged, records, started=start, ended=stop, processes=processes)
+    return RawRun(merged, tuple(records), start, stop, processes)

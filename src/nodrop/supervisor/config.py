@@ -13,6 +13,7 @@ A config file holds the same things as the command line::
     drain_signal = "SIGTERM"
     strategy = "inherit"        # or "reuseport"
     chdir = "/srv/app/current"  # each generation's working directory, resolved at its start
+    startup_priority = "normal" # new workers' CPU priority until READY=1: normal, low, idle
 
     [env]                       # extra environment for the workers
     APP_ENV = "production"
@@ -34,6 +35,7 @@ from typing import Any
 
 from nodrop.errors import ConfigError, SpecError
 from nodrop.listeners.spec import ListenerSpec, parse_spec
+from nodrop.supervisor.priority import StartupPriority, parse_startup_priority
 
 DEFAULT_WORKERS = 1
 DEFAULT_READY_TIMEOUT = 30.0
@@ -117,6 +119,8 @@ class RunConfig:
     max_draining: int = DEFAULT_MAX_DRAINING
     env: tuple[tuple[str, str], ...] = ()
     allow_sysctl: bool = False
+    startup_priority: StartupPriority = StartupPriority.NORMAL
+    """New workers' CPU priority until READY=1 (:mod:`.priority`)."""
     chdir: str | None = None
     """Each generation's working directory. Symlinks in it are resolved when
     the generation starts (not when the supervisor does), so flipping a
@@ -153,6 +157,7 @@ _FILE_KEYS = {
     "max_draining",
     "env",
     "chdir",
+    "startup_priority",
 }
 
 
@@ -213,6 +218,12 @@ def parse_config_text(text: str, source: str = "config") -> dict[str, Any]:
             )
         if "chdir" in data:
             out["chdir"] = _expect("chdir", data["chdir"], str, "a directory")
+        if "startup_priority" in data:
+            text = _expect("startup_priority", data["startup_priority"], str, "a priority")
+            try:
+                out["startup_priority"] = parse_startup_priority(text)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if "env" in data:
             env = _expect("env", data["env"], dict, "a table")
             out["env"] = tuple(
@@ -280,6 +291,7 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
         "env": [list(pair) for pair in config.env],
         "allow_sysctl": config.allow_sysctl,
         "chdir": config.chdir,
+        "startup_priority": config.startup_priority.value,
     }
 
 
@@ -298,4 +310,5 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         env=tuple((k, v) for k, v in data["env"]),
         allow_sysctl=data["allow_sysctl"],
         chdir=data.get("chdir"),
+        startup_priority=StartupPriority(data.get("startup_priority", "normal")),
     )

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from nodrop.errors import ConfigError
 from nodrop.listeners.held import HeldSocket
+from nodrop.supervisor import priority
 from nodrop.supervisor.config import ReadyMode, RunConfig
 from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.lineage import ancestry
@@ -126,6 +127,8 @@ class GenerationSet:
             raise
         for _, w in pipes:
             os.close(w)
+        if (why := priority.lower(pid, config.startup_priority)) is not None:
+            self.warn(why)
         worker = Worker(gen.number, index, pid, started=self.clock(), restarts=restarts)
         if pipes:
             first = len(gen.listeners) + 3
@@ -141,6 +144,11 @@ class GenerationSet:
     def _delay_passed(self, gen: Generation, worker: Worker) -> None:
         if worker.state is WorkerState.STARTING:
             gen.mark_ready(worker, self.clock())
+            self._restore_priority(worker, gen)
+
+    def _restore_priority(self, worker: Worker, gen: Generation) -> None:
+        if (why := priority.restore(worker.pid, gen.config.startup_priority)) is not None:
+            self.warn(why)
 
     def notified(self, note: Notification) -> bool:
         """A worker's message (``READY=1``, ``STATUS=``, ``STOPPING=1``); the kernel-stamped
@@ -157,6 +165,7 @@ class GenerationSet:
             worker.stopping_at = self.clock()  # it stopped accepting (see .switchover)
         if note.fields.get("READY") == "1" and worker.state is WorkerState.STARTING:
             gen.mark_ready(worker, self.clock())
+            self._restore_priority(worker, gen)
         return True
 
     def activate(self, gen: Generation) -> list[Generation]:

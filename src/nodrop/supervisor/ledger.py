@@ -149,7 +149,8 @@ class Ledgers:
         if held is None:
             return None
         ports = listener_ports(gen.listeners)
-        return procfs.served_connections(held, sockdiag.connections(), ports)
+        found = sockdiag.connections({port for _ip, port in ports})
+        return procfs.served_connections(held, found, ports)
 
     def begin(self, gen: Generation, replaced_by: int, now: float) -> ReloadLedger:
         ledger = ReloadLedger(gen.number, replaced_by, now, lost=0 if self._lost_is_known else None)

@@ -187,6 +187,8 @@ class ReloadOutcome:
     old_exited: float | None = None
     old_stopped_accepting: dict[str, Any] | None = None
     """How and when the old generation stopped accepting (:mod:`.switchover`)."""
+    timing: dict[str, Any] | None = None
+    """Where the reload's time went (:mod:`.timing`): the app's part and nodrop's."""
 
     @property
     def duration(self) -> float:
@@ -207,4 +209,5 @@ class ReloadOutcome:
             "old_generations": list(self.old_generations),
             "old_exited": self.old_exited,
             "old_stopped_accepting": self.old_stopped_accepting,
+            "timing": self.timing,
         }

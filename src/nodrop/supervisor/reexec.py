@@ -356,4 +356,5 @@ def outcome_from(data: dict[str, Any]) -> ReloadOutcome:
         tuple(data["old_generations"]),
         data["old_exited"],
         data.get("old_stopped_accepting"),
+        data.get("timing"),
     )

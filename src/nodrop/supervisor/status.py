@@ -19,6 +19,7 @@ from nodrop.supervisor.metrics import Metrics
 from nodrop.supervisor.metrics_http import MetricsServer
 from nodrop.supervisor.model import Generation, ReloadOutcome, WorkerState
 from nodrop.supervisor.restarts import RestartPolicy
+from nodrop.supervisor.timing import with_drain
 
 
 class _Counting(Protocol):
@@ -101,6 +102,7 @@ def build_status(sup: Observed) -> api.StatusReply:
     for outcome in sup.history:
         entry = outcome.to_dict()
         entry["ledger"] = sup.ledgers.for_reload(outcome.old_generations)
+        entry["timing"] = with_drain(outcome.timing, entry["ledger"])
         reloads.append(entry)
     return {
         "pid": os.getpid(),

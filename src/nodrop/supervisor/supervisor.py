@@ -295,11 +295,12 @@ class Supervisor:
                 "" if first or self._stopping else "; rolled back, the old generation keeps serving"
             )
             return failed(f"{head}{suffix}" + (f"\n{rest}" if rest else ""), gen.number)
+        grace_over = self.clock()
         old = self.gens.activate(gen)
         self.listeners.activate(listeners)
         self.config = config
         stop = await self.switchover.replace(gen, old)
-        return stop.outcome(gen, old, started, self.clock())
+        return stop.outcome(gen, old, started, self.clock(), grace_over)
 
     # -- reloads --------------------------------------------------------------
     def request_reload(self) -> asyncio.Future[ReloadOutcome]:

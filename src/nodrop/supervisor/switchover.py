@@ -39,6 +39,7 @@ from nodrop.supervisor.generations import GenerationSet
 from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers
 from nodrop.supervisor.model import Generation, ReloadOutcome, Worker, WorkerState
+from nodrop.supervisor.timing import reload_timing
 
 DEFAULT_ACCEPT_STOP_TIMEOUT = 5.0
 """How long a reload waits for the old generation to stop accepting."""
@@ -58,6 +59,10 @@ class AcceptStop:
     seconds: float
     waiting: tuple[str, ...] = ()
     """Workers (``gN.wI``) not confirmed at the deadline."""
+    began: float = 0.0
+    """When the switch-over began (the supervisor's clock)."""
+    signalled: float = 0.0
+    """Seconds from ``began`` until the drain signals were sent."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,9 +73,26 @@ class AcceptStop:
         }
 
     def outcome(
-        self, new: Generation, old: Sequence[Generation], started: float, finished: float
+        self,
+        new: Generation,
+        old: Sequence[Generation],
+        started: float,
+        finished: float,
+        grace_over: float | None = None,
     ) -> ReloadOutcome:
-        """The successful reload's answer: ``new`` ready, ``old`` draining, and this."""
+        """The successful reload's answer: ``new`` ready, ``old`` draining, and this
+        (``grace_over``: when the ready grace ended, for :mod:`.timing`)."""
+        timing = None
+        if grace_over is not None:
+            timing = reload_timing(
+                started,
+                new,
+                grace_over,
+                self.began + self.signalled,
+                self.began + self.seconds,
+            )
+            if not old:
+                del timing["stop_accepting"]  # the first start: nothing to stop
         draining = f"; generation {', '.join(str(g.number) for g in old)} draining" if old else ""
         return ReloadOutcome(
             True,
@@ -81,6 +103,7 @@ class AcceptStop:
             ready=new.ready_at,
             old_generations=tuple(g.number for g in old),
             old_stopped_accepting=self.to_dict() if old else None,
+            timing=timing,
         )
 
     def describe(self) -> str:
@@ -188,11 +211,12 @@ class Switchover:
             self.ledgers.begin(gen, new.number, started)
             self.gens.drain(gen)
         self.gens.enforce_drain_cap(new.config.max_draining)
+        sent = self.clock() - started
         workers = [w for gen in old for w in gen.workers]
         if not workers:
-            return AcceptStop(True, "nothing", 0.0)
+            return AcceptStop(True, "nothing", sent, began=started, signalled=sent)
         if watched.empty:
-            return AcceptStop(True, "steered", 0.0)
+            return AcceptStop(True, "steered", sent, began=started, signalled=sent)
         bound = min([self.timeout, *(g.config.drain_timeout for g in old)])
         deadline = started + bound
         while True:
@@ -200,9 +224,8 @@ class Switchover:
             if not waiting:
                 for gen in old:
                     self.ledgers.stopped_accepting(gen)
-                return AcceptStop(True, "stopped", self.clock() - started)
+                return AcceptStop(True, "stopped", self.clock() - started, (), started, sent)
             if self.clock() >= deadline:
-                return AcceptStop(
-                    False, "timeout", self.clock() - started, tuple(w.label for w in waiting)
-                )
+                labels = tuple(w.label for w in waiting)
+                return AcceptStop(False, "timeout", self.clock() - started, labels, started, sent)
             await asyncio.sleep(POLL_INTERVAL)

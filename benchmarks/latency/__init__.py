@@ -1,0 +1,1 @@
+"""The reload latency benchmark's parts: rows, sampling, and the pure breakdown."""
