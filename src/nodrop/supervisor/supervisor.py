@@ -54,7 +54,7 @@ from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
-from nodrop.supervisor.status import build_status, record_ledger, record_reload
+from nodrop.supervisor.status import build_status, record_ledger, record_reload, record_start
 from nodrop.supervisor.switchover import Switchover
 from nodrop.systemd.notify import notify as sd_notify
 from nodrop.systemd.receiver import NotifyReceiver
@@ -220,8 +220,7 @@ class Supervisor:
                 self._tell_service_manager(STATUS=self.status_line())
                 return await self._stopped
             outcome = await self._start_generation_and_wait(self.config, first=True)
-            self.history.append(outcome)
-            self.metrics.reload(outcome, first=True)
+            record_start(self, outcome)
             if not outcome.ok:
                 self.log(f"could not start: {outcome.message}")
                 await self._shutdown()
