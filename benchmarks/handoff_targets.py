@@ -72,8 +72,8 @@ def select_cells(wanted: list[str]) -> list[Cell]:
         if name == "demo":
             out.append(DEMO)
             continue
-        found = [
-            c for c in NODROP_CELLS if c.id == name or c.id.startswith(name) or c.stack == name
+        found = [c for c in NODROP_CELLS if c.id == name] or [
+            c for c in NODROP_CELLS if c.id.startswith(name) or c.stack == name
         ]
         if not found:
             raise SystemExit(f"no cell {name!r}; cells: {', '.join(c.id for c in NODROP_CELLS)}")
