@@ -45,11 +45,17 @@ from handoff_targets import (
 GENERATION = re.compile(rb"gen(?:eration)?[= ](\d+)")
 
 
-def open_connections(port: int, count: int) -> list[socket.socket]:
+def open_connections(port: int, count: int) -> tuple[list[socket.socket], str]:
+    """Up to ``count`` connections; stops at the first that cannot be opened
+    (a server that accepts one connection at a time fills its queue) and
+    says why."""
     conns = []
     for _ in range(count):
-        conns.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-    return conns
+        try:
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError as exc:
+            return conns, f"connection {len(conns) + 1}: {type(exc).__name__}: {exc}"
+    return conns, ""
 
 
 def _complete(data: bytes) -> bool:
@@ -127,8 +133,11 @@ def measure(cell_id: str, handoff: bool, args: argparse.Namespace, workdir: Path
         assert stack.proc is not None
         sup = stack.proc.pid
         opened = time.monotonic()
-        conns: list[socket.socket | None] = list(open_connections(stack.port, args.connections))
+        opened_conns, why = open_connections(stack.port, args.connections)
+        conns: list[socket.socket | None] = list(opened_conns)
         opened = time.monotonic() - opened
+        if why:
+            print(f"# {label(cell, handoff)}: opened {len(conns)} only ({why})", flush=True)
         try:
             first = check(conns, path, time.monotonic() + args.deadline)
             alive = sum(a is not None for a in first)
