@@ -114,9 +114,12 @@ def with_keepalive(cell: Cell, seconds: int, workdir: Path) -> Cell:
 def running(
     cell: Cell, handoff: bool, workdir: Path, keepalive: int = 300
 ) -> Iterator[NodropStack]:
-    """The cell under ``nodrop run`` (``--handoff`` or ``--no-handoff``)."""
+    """The cell under ``nodrop run`` (``--handoff`` or ``--no-handoff``),
+    its server's idle keep-alive timeout set to ``keepalive`` seconds (0:
+    the cell's own)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cell = with_keepalive(cell, keepalive, workdir)
+    if keepalive:
+        cell = with_keepalive(cell, keepalive, workdir)
     flag = "--handoff" if handoff else "--no-handoff"
     cell = dataclasses.replace(
         cell, run_args=(*cell.run_args, flag, "--drain-timeout", DRAIN_TIMEOUT)

@@ -238,7 +238,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--no-peers", action="store_true", help="skip nginx and HAProxy")
     parser.add_argument(
-        "--keepalive", type=int, default=300, help="the servers' idle keep-alive timeout (s)"
+        "--keepalive",
+        type=int,
+        default=0,
+        help="set the servers' idle keep-alive timeout (s); default: the cells' own",
     )
     args = parser.parse_args()
     raise_nofile(4096)
