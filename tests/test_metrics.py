@@ -204,7 +204,7 @@ def test_scrape_and_ledger_of_a_running_supervisor(supervise: Start, handoff: bo
     sup = supervise(
         "--listen", "tcp://127.0.0.1:0", "--metrics", "tcp://127.0.0.1:0",
         "--ready-grace", "0", "--log-format", "json",
-        *(["--handoff"] if handoff else []),
+        *(["--handoff"] if handoff else ["--no-handoff"]),
         command=DEMO,
     )  # fmt: skip
     port = sup.port()

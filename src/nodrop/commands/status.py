@@ -61,15 +61,13 @@ def format_worker(w: dict[str, Any]) -> str:
 
 
 def format_ledger(ledger: dict[str, Any]) -> str:
-    def n(key: str) -> str:
-        return "?" if ledger[key] is None else str(ledger[key])
+    from nodrop.supervisor.ledger import fates
 
     if not ledger["complete"]:
         return f"      generation {ledger['generation']}: draining"
     return (
         f"      generation {ledger['generation']} drained in {ledger['drain_duration']:.2f}s: "
-        f"{n('finished')} connection(s) finished, {ledger['handed_over']} handed over, "
-        f"{ledger['closed_by_signal']} closed by SIGKILL, {n('lost')} lost"
+        + fates(ledger)
     )
 
 

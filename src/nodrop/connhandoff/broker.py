@@ -238,6 +238,10 @@ class ConnectionBroker:
         return {
             "path": self.path,
             "receivers": self._receivers.alive(),
+            # The supervisor's workers (not their children) with a live receiver.
+            "registered_workers": sorted(
+                {r.worker.pid for r in self._receivers if r.alive and r.accepting}
+            ),
             "given": self.counts["given"],
             "placed": self.counts["placed"],
             "returned": self.counts["returned"],

@@ -76,7 +76,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stderr) -> tuple[LoadResult
             "--ready-grace", "0.2",
             "--drain-timeout", "10",
             # Keep-alive clients: hand idle connections to the new generation.
-            *(["--handoff"] if options.mode is Mode.KEEPALIVE else []),
+            *(["--handoff"] if options.mode is Mode.KEEPALIVE else ["--no-handoff"]),
             "--", sys.executable, "-m", "nodrop.demo.app",
         ]  # fmt: skip
         with open(log_path, "wb") as log:

@@ -10,17 +10,21 @@ outside, and says how:
   confirmed to have stopped accepting that were not there at the drain
   signal (a lower bound: one accepted and closed between two looks is not
   seen);
-* ``handed_over`` / ``returned``: connections the connection broker
-  (``--handoff``) placed in the new generation, or gave back to the old one,
-  while this generation drained (its counters, read at the drain signal and
-  at the exit; with several generations draining at once they are shared
-  out to the oldest);
+* ``handed_over`` / ``returned`` / ``closed_by_broker``: connections the
+  connection broker (``--handoff``) placed in the new generation, gave back
+  to the old one (which then closes them itself, with a signal the client
+  understands: ``Connection: close`` on the next response, WebSocket 1012),
+  or closed itself with a FIN because the receiving worker died, while this
+  generation drained (its counters, read at the drain signal and at the
+  exit; with several generations draining at once they are shared out to
+  the oldest);
 * ``closed_by_signal``: connections still held when the drain timeout (or
   the drain cap) sent SIGKILL -- the kernel closed them, requests in flight
   included;
 * ``finished``: the rest -- closed by the old generation itself before it
-  exited (``open_at_drain + accepted_while_draining - handed_over -
-  closed_by_signal``);
+  exited, without being offered to the broker (``open_at_drain +
+  accepted_while_draining - handed_over - returned - closed_by_broker -
+  closed_by_signal``); the fates do not overlap;
 * ``lost``: connections queued on a listening socket when it closed without
   a successor: 0 by construction when the listening sockets outlive the
   generation (``inherit``: nodrop holds them; ``reuseport`` with eBPF or
@@ -56,6 +60,7 @@ class ReloadLedger:
     accepted_while_draining: int | None = None
     handed_over: int = 0
     returned: int = 0
+    closed_by_broker: int = 0
     closed_by_signal: int = 0
     lost: int | None = 0
     exited: float | None = None
@@ -67,7 +72,8 @@ class ReloadLedger:
         if self.open_at_drain is None:
             return None
         total = self.open_at_drain + (self.accepted_while_draining or 0)
-        return max(0, total - self.handed_over - self.closed_by_signal)
+        moved = self.handed_over + self.returned + self.closed_by_broker
+        return max(0, total - moved - self.closed_by_signal)
 
     @property
     def complete(self) -> bool:
@@ -86,6 +92,7 @@ class ReloadLedger:
             "finished": self.finished,
             "handed_over": self.handed_over,
             "returned": self.returned,
+            "closed_by_broker": self.closed_by_broker,
             "closed_by_signal": self.closed_by_signal,
             "lost": self.lost,
         }
@@ -94,11 +101,25 @@ class ReloadLedger:
         def n(value: int | None) -> str:
             return "?" if value is None else str(value)
 
-        return (
-            f"generation {self.generation} (replaced by {self.replaced_by}): "
-            f"{n(self.finished)} connection(s) finished, {self.handed_over} handed over, "
-            f"{self.closed_by_signal} closed by SIGKILL, {n(self.lost)} lost"
+        return f"generation {self.generation} (replaced by {self.replaced_by}): " + fates(
+            self.to_dict()
         )
+
+
+def fates(ledger: dict[str, Any]) -> str:
+    """What became of the connections, in words (pure; ``ledger`` is a
+    :meth:`ReloadLedger.to_dict`, as ``nodrop status --json`` carries it)."""
+
+    def n(key: str) -> str:
+        value = ledger.get(key, 0)
+        return "?" if value is None else str(value)
+
+    return (
+        f"{n('finished')} connection(s) finished, {n('handed_over')} handed over, "
+        f"{n('returned')} returned (then closed with a signal), "
+        f"{n('closed_by_broker')} closed by the broker, "
+        f"{n('closed_by_signal')} closed by SIGKILL, {n('lost')} lost"
+    )
 
 
 def lost_is_known(listeners: Any) -> bool:
@@ -189,6 +210,7 @@ class Ledgers:
         counts = self._broker_counts()
         ledger.handed_over = counts.get("placed", 0) - ledger.broker_at_drain.get("placed", 0)
         ledger.returned = counts.get("returned", 0) - ledger.broker_at_drain.get("returned", 0)
+        ledger.closed_by_broker = counts.get("closed", 0) - ledger.broker_at_drain.get("closed", 0)
         # The next generation to exit counts from here: handoffs are not counted twice.
         for other in self.by_generation.values():
             if not other.complete and other is not ledger:

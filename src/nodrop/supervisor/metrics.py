@@ -24,7 +24,7 @@ from nodrop.supervisor.model import ReloadOutcome
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DRAIN_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-FATES = ("finished", "handed_over", "closed_by_signal", "lost")
+FATES = ("finished", "handed_over", "returned", "closed_by_broker", "closed_by_signal", "lost")
 OUTCOMES = ("ok", "rolled_back", "failed")
 
 
@@ -96,6 +96,8 @@ class Metrics:
         else:
             self.connections["finished"] += finished
         self.connections["handed_over"] += ledger.handed_over
+        self.connections["returned"] += ledger.returned
+        self.connections["closed_by_broker"] += ledger.closed_by_broker
         self.connections["closed_by_signal"] += ledger.closed_by_signal
         if ledger.lost is None:
             self.connections_unknown += 1
@@ -264,7 +266,9 @@ def render_prometheus(status: dict[str, Any]) -> str:
         "nodrop_drained_connections",
         "counter",
         "Old generations' connections by fate, from completed reload ledgers: finished by "
-        "the old generation, handed over to the new one, closed by SIGKILL, lost.",
+        "the old generation, handed over to the new one, returned by the connection broker "
+        "(then closed by the old generation with a signal), closed by the broker, closed by "
+        "SIGKILL, lost.",
         [({"fate": fate}, connections.get(fate, 0)) for fate in FATES],
     )
     handoff = status.get("handoff")
@@ -280,5 +284,20 @@ def render_prometheus(status: dict[str, Any]) -> str:
             "nodrop_handoff_receivers", "gauge",
             "Workers registered to receive handed-over connections.",
             [({}, handoff.get("receivers", 0))],
+        )  # fmt: skip
+        registered = set(handoff.get("registered_workers", ()))
+        unregistered = sum(
+            1
+            for gen in status.get("generations", [])
+            if gen.get("generation") == status.get("active_generation")
+            for worker in gen.get("workers", [])
+            if worker["state"] == "ready" and worker["pid"] not in registered
+        )
+        out.family(
+            "nodrop_handoff_unregistered_workers", "gauge",
+            "Ready workers of the active generation that did not register with the connection "
+            "broker: their server does not support handoff, so their idle connections are "
+            "closed at each reload.",
+            [({}, unregistered)],
         )  # fmt: skip
     return "\n".join(out.lines) + "\n"

@@ -13,6 +13,7 @@ from nodrop.supervisor import api
 from nodrop.supervisor.config import RunConfig
 from nodrop.supervisor.eventlog import EventLog
 from nodrop.supervisor.generations import GenerationSet
+from nodrop.supervisor.handoff_check import warning as handoff_warning
 from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers, ReloadLedger
 from nodrop.supervisor.metrics import Metrics
@@ -98,6 +99,7 @@ def summary_line(gen: Generation | None) -> str:
 def build_status(sup: Observed) -> api.StatusReply:
     """Everything ``nodrop status`` shows (the reply of the ``status`` request)."""
     now = sup.clock()
+    handoff = None if sup.broker is None else sup.broker.stats()
     reloads = []
     for outcome in sup.history:
         entry = outcome.to_dict()
@@ -123,15 +125,44 @@ def build_status(sup: Observed) -> api.StatusReply:
         "restart_failures": sup.gens.restart_failures,
         "degraded": short_of_workers(sup.active) is not None,
         "crash_loop": sup.restarts.crash_loop(now),
-        "warnings": list(sup.listeners.warnings()) + list(sup.warnings_log),
+        "warnings": list(sup.listeners.warnings())
+        + list(sup.warnings_log)
+        + _handoff_warnings(sup, handoff),
         "summary": sup.status_line(),
-        "handoff": None if sup.broker is None else sup.broker.stats(),
+        "handoff": handoff,
         "metrics": sup.metrics.to_dict(),
         "metrics_address": None if sup.metrics_server is None else sup.metrics_server.address,
         "recovery": None
         if sup.recovery is None
         else {"state": sup.recovery.file.path, "orphans": sup.recovery.status()},
     }
+
+
+def _handoff_warnings(sup: Observed, handoff: dict[str, Any] | None) -> list[str]:
+    if handoff is None:
+        return []
+    text = handoff_warning(sup.active, handoff.get("registered_workers", ()))
+    return [] if text is None else [text]
+
+
+def check_handoff(sup: Observed) -> None:
+    """Once a generation serves: one log line if handoff is on and some of
+    its workers did not register with the broker (``nodrop status`` shows
+    the same warning for as long as it holds)."""
+    if sup.broker is None:
+        return
+    for text in _handoff_warnings(sup, sup.broker.stats()):
+        sup.events.event(
+            "warning", text, level="warning", fields={"warning": "handoff_unregistered"}
+        )
+
+
+def record_start(sup: Observed, outcome: ReloadOutcome) -> None:
+    """Generation 1's start: into the history and the metrics."""
+    sup.history.append(outcome)
+    sup.metrics.reload(outcome, first=True)
+    if outcome.ok:
+        check_handoff(sup)
 
 
 def record_reload(sup: Observed, outcome: ReloadOutcome) -> None:
@@ -144,6 +175,8 @@ def record_reload(sup: Observed, outcome: ReloadOutcome) -> None:
         level="info" if outcome.ok else "warning",
         fields=outcome.to_dict(),
     )
+    if outcome.ok:
+        check_handoff(sup)
 
 
 def record_ledger(sup: Observed, ledger: ReloadLedger) -> None:

@@ -55,7 +55,13 @@ from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.process import OsProcesses, Processes, signal_name
 from nodrop.supervisor.readiness import wait_ready
 from nodrop.supervisor.restarts import RestartPolicy
-from nodrop.supervisor.status import build_status, record_ledger, record_reload, summary_line
+from nodrop.supervisor.status import (
+    build_status,
+    record_ledger,
+    record_reload,
+    record_start,
+    summary_line,
+)
 from nodrop.supervisor.stopping import stop_gracefully
 from nodrop.supervisor.switchover import Switchover
 from nodrop.supervisor.takeover import Recovery
@@ -229,8 +235,7 @@ class Supervisor:
                 self._tell_service_manager(STATUS=self.status_line())
                 return await self._stopped
             outcome = await self._start_generation_and_wait(self.config, first=True)
-            self.history.append(outcome)
-            self.metrics.reload(outcome, first=True)
+            record_start(self, outcome)
             if not outcome.ok:
                 self.log(f"could not start: {outcome.message}")
                 await self._shutdown()
