@@ -162,6 +162,20 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
+def _line_waiting(fd: int, reader: asyncio.StreamReader) -> bool:
+    """True if a whole request line waits unread: in ``reader``'s buffer, or in
+    the kernel on ``fd``."""
+    if b"\n" in getattr(reader, "_buffer", b""):
+        return True
+    peek = socket.socket(fileno=fd)
+    try:
+        return b"\n" in peek.recv(MAX_REQUEST, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    finally:
+        peek.detach()
+
+
 class ControlServer:
     """Serves the control socket on the supervisor's event loop.
 
@@ -189,7 +203,8 @@ class ControlServer:
         self._max_connections = max_connections
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._reading: dict[asyncio.Task[None], None] = {}  # insertion order: oldest first
+        # insertion order: oldest first; each with its socket's fd, to peek at
+        self._reading: dict[asyncio.Task[None], tuple[int, asyncio.StreamReader]] = {}
         self._evicted: set[asyncio.Task[None]] = set()
         self.dropped = 0
         """Connections closed for a missed deadline, eviction or "busy"."""
@@ -220,7 +235,7 @@ class ControlServer:
                 await _reply(writer, {"ok": False, "refused": True, "message": str(exc)})
                 return
             try:
-                line = await self._read_request(task, reader)
+                line = await self._read_request(task, reader, peer.fileno())
                 if line is None:
                     return
                 request = parse_request(line)
@@ -237,13 +252,18 @@ class ControlServer:
             writer.close()
 
     async def _read_request(
-        self, task: asyncio.Task[None], reader: asyncio.StreamReader
+        self, task: asyncio.Task[None], reader: asyncio.StreamReader, fd: int
     ) -> bytes | None:
         """The request line, or None if the peer missed its deadline or was
         evicted by newer connections."""
-        self._reading[task] = None
+        self._reading[task] = (fd, reader)
         while len(self._reading) > self._max_reading:
-            oldest = next(iter(self._reading))
+            # The oldest that has not sent a whole line: a client whose request
+            # waits unread (the loop was busy when a burst of them connected)
+            # is not a flooder, and is read on the next turn of the loop.
+            oldest = next((t for t, w in self._reading.items() if not _line_waiting(*w)), None)
+            if oldest is None:
+                break
             del self._reading[oldest]
             self._evicted.add(oldest)
             oldest.cancel()
