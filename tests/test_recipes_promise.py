@@ -95,5 +95,11 @@ def test_an_old_generation_that_never_stops_is_waited_for_only_up_to_the_bound(
     assert "not confirmed within" in outcome["message"]
     text = sup.cli("reload")
     assert text.returncode == 0
-    assert "not confirmed within" in text.stdout
+    # The text form says it too -- when it happened: the bound and the drain
+    # timeout are both 1.5 s here, so the old worker's SIGKILL may confirm it first.
+    last = sup.status()["reloads"][-1]
+    if last["old_stopped_accepting"]["how"] == "timeout":
+        assert "not confirmed within" in text.stdout, (text.stdout, last)
+    else:
+        assert last["old_stopped_accepting"]["confirmed"] is True, last
     assert sup.stop() == 0

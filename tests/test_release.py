@@ -209,8 +209,11 @@ def test_ci_tests_the_installed_wheel() -> None:
     location = Path(nodrop.__file__).resolve()
     assert "site-packages" in location.parts, location
     assert ROOT / "src" not in location.parents, location
-    from importlib.metadata import distribution
+    from importlib.metadata import distributions
 
-    direct = distribution("nodrop").read_text("direct_url.json")
+    # The metadata beside the copy imported (not the first "nodrop" on sys.path,
+    # which a test's working directory can shadow).
+    (dist,) = distributions(name="nodrop", path=[str(location.parent.parent)])
+    direct = dist.read_text("direct_url.json")
     assert direct is not None, direct
     assert '"editable": true' not in direct, direct
