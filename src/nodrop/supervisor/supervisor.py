@@ -204,9 +204,9 @@ class Supervisor:
             )
             control_sock = carry.adopt_socket(resume.state["control"]["fd"])
             control_sock.setblocking(False)
-        else:
-            self.notify = NotifyReceiver()
+        else:  # the control socket first: if it cannot be bound, nothing is left behind
             control_sock = bind_control(self.control_path)
+            self.notify = NotifyReceiver()
         loop.add_reader(self.notify.fileno(), self._on_notify)
         self.processes.watch(loop, self.gens.reap)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
