@@ -149,7 +149,7 @@ def start_nodrop(
         "--strategy", strategy,
         "--ready-grace", "0.2",
         "--drain-timeout", "10",
-        *(["--handoff"] if handoff else []),
+        "--handoff" if handoff else "--no-handoff",
         "--", *app,
     ]  # fmt: skip
     proc = procs.spawn(argv, log_path, env=dict(os.environ, NOTIFY_SOCKET=receiver.path))

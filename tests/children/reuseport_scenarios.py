@@ -92,7 +92,12 @@ def supervised(
     control = str(tmp / "control.sock")
     log_path = tmp / "supervisor.log"
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
-    argv = [sys.executable, "-m", "nodrop", "run", "--control", control, "--strategy", "reuseport"]
+    # --no-handoff: SERVER does not take part in connection handoff, and these
+    # scenarios assert that the strategy itself gives no warning.
+    argv = [
+        sys.executable, "-m", "nodrop", "run", "--control", control,
+        "--strategy", "reuseport", "--no-handoff",
+    ]  # fmt: skip
     argv += run_args if command == [] else [*run_args, "--", *(command or SERVER)]
     with NotifyReceiver(str(tmp / "service-notify.sock")) as notify:
         full_env["NOTIFY_SOCKET"] = notify.path

@@ -368,8 +368,19 @@ async def _drain(
                     await acceptor.settle()
                     for conn in list(drain.connections):
                         conn.drain()
-        if not drain.connections or loop.time() >= deadline:
+        if not drain.connections:
             break
+        if loop.time() >= deadline:
+            if not give:
+                break
+            # Still busy after a keep-alive timeout (a client that always has
+            # its next request in flight is never idle to give): close mode,
+            # so each ends after its next response, with Connection: close.
+            give = drain.giving = False
+            drain.close_http = True
+            for conn in list(drain.connections):
+                conn.drain()
+            deadline = loop.time() + float(worker.cfg.keepalive) + DRAIN_EXTRA
         if loop.time() - last_notified >= 1.0:
             last_notified = loop.time()
             worker.notify()

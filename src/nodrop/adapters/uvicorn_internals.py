@@ -435,8 +435,21 @@ class NodropServer(uvicorn.Server):
         while not self.force_exit:
             if give:
                 give = await self._give_idle()
-            if not connections or loop.time() >= deadline:
+            if not connections:
                 break
+            if loop.time() >= deadline:
+                if not give:
+                    break
+                # Still busy after a keep-alive timeout (a client that always
+                # has its next request in flight is never idle to give): close
+                # mode, so each ends after its next response (Connection: close).
+                give = False
+                for conn in list(connections):
+                    if isinstance(conn, DrainingMixin):
+                        conn.on_idle = None
+                await self.asgi_drain.start(close_http=True)
+                self._close_idle_at_timeout()
+                deadline = loop.time() + self.config.timeout_keep_alive + self.drain_extra
             if notify is not None and loop.time() - last_notified >= 1.0:
                 # gunicorn's heartbeat: a long drain is not a hung worker.
                 last_notified = loop.time()
