@@ -47,6 +47,41 @@ def test_the_installed_uvicorn_is_the_one_the_module_was_written_for() -> None:
     )
 
 
+def test_the_installed_uvicorn_workers_have_what_the_gunicorn_runner_uses() -> None:
+    pytest.importorskip("gunicorn")
+    from nodrop.adapters import gunicorn_uvicorn_internals
+
+    problems = gunicorn_uvicorn_internals.check_internals()
+    assert problems == [], (
+        f"nodrop.adapters.gunicorn_uvicorn_internals relies on these: {problems}. Re-read "
+        "uvicorn_worker's and uvicorn.workers' UvicornWorker, adapt the module, re-run the "
+        "gunicorn cells of tests/test_stacks.py."
+    )
+
+
+class _BareWorker:  # what an upgrade that renamed the hook would look like
+    CONFIG_KWARGS: dict[str, Any] = {}
+
+
+def test_the_gunicorn_runner_check_fails_loudly_without_the_hook(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("gunicorn")
+    import types
+
+    from nodrop.adapters import gunicorn_uvicorn_internals
+
+    fake = types.ModuleType("fake_uvicorn_worker")
+    fake.UvicornWorker = _BareWorker  # type: ignore[attr-defined]
+    monkeypatch.setitem(__import__("sys").modules, "fake_uvicorn_worker", fake)
+    monkeypatch.setattr(
+        gunicorn_uvicorn_internals, "WORKER_CLASSES", ("fake_uvicorn_worker.UvicornWorker",)
+    )
+    assert gunicorn_uvicorn_internals.check_internals() == [
+        "fake_uvicorn_worker.UvicornWorker has no _install_sigquit_handler()"
+    ]
+
+
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return

@@ -79,9 +79,9 @@ def post_worker_init(worker: Any) -> None:
     kind = worker_kind(worker)
     started = functools.partial(_worker_started, worker)
     if kind == "uvicorn":
-        from nodrop.adapters import uvicorn_internals
+        from nodrop.adapters import gunicorn_uvicorn_internals
 
-        worker.run = functools.partial(uvicorn_internals.run_gunicorn_worker, worker, started)
+        worker.run = functools.partial(gunicorn_uvicorn_internals.run, worker, started)
     elif kind == "asgi":
         from nodrop.adapters import gunicorn_asgi_internals
 

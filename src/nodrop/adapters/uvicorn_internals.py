@@ -1,41 +1,31 @@
 """Everything nodrop needs from uvicorn's internals, in one place.
 
-uvicorn has no public API for serving sockets one accepts oneself or for a
-drain that fails nothing. Its ``Server.shutdown`` closes every listening
-server at once (on Python 3.11 that resets connections accepted a moment
-before; on uvloop nodrop cannot even stop watching the socket), then closes
-every keep-alive connection that is idle at that instant (a client sending
-its next request then meets a FIN or a reset; ``http.client`` never
-retries), and ends a connection whose response is in flight after it, with
-no ``Connection: close`` (h11) -- the client's next request on it fails.
+uvicorn has no public API for serving sockets one accepts oneself, or for a
+drain that fails nothing: its ``Server.shutdown`` closes the listening
+servers at once, then every keep-alive connection idle at that instant (a
+client sending its next request meets a FIN or a reset), and ends a
+connection whose response is in flight with no ``Connection: close`` (h11).
 
 :class:`NodropServer` keeps uvicorn's own lifespan, configuration and
 protocol classes and changes only that:
 
 * it accepts with :class:`nodrop.adapters.accept.Acceptor` and
-  ``loop.connect_accepted_socket(factory, sock)`` with uvicorn's protocol
-  (asyncio and uvloop alike), so stopping takes nothing more from the
-  kernel's queue: queued connections stay there for the new generation;
-* once draining, the next response on every HTTP/1.x connection carries
-  ``Connection: close`` and the connection closes after it
-  (:class:`nodrop.adapters.asgi.AsgiDrain`), WebSocket sessions are closed
-  with 1012;
-* an idle keep-alive connection is not closed at drain, only where steady
-  state would close it: when its keep-alive timeout passes (one that never
-  sent a request gets the same timer); a response already under way when
-  the drain began leaves its connection idle, not closed;
+  ``loop.connect_accepted_socket`` with uvicorn's protocol (asyncio and
+  uvloop alike): once stopped, queued connections stay for the new generation;
+* draining, the next response on every HTTP/1.x connection says
+  ``Connection: close`` (:class:`nodrop.adapters.asgi.AsgiDrain`), WebSocket
+  sessions close with 1012, and an idle keep-alive connection closes only
+  at its keep-alive timeout, as in steady state;
 * under ``nodrop run --handoff``, instead, each connection is given to the
   new generation the moment it is idle (between requests, nothing unwritten,
   no complete request buffered; with h11, what was read of the next request
-  travels with it), and served there by the same protocol classes
-  (``Acceptor.adopt``); a connection nobody takes is served here, with
-  ``Connection: close``;
+  travels with it) and served there by the same protocol classes; one
+  nobody takes is served here, with ``Connection: close``;
 * once no connection is left, or :data:`DEFAULT_DRAIN_EXTRA` seconds past
   the keep-alive timeout, uvicorn's own shutdown runs (tasks, lifespan).
 
-It relies on these internals, checked by :func:`check_internals` (and by
-``tests/test_adapter_uvicorn_internals.py``, which fails loudly when an
-upgrade of uvicorn changes them):
+It relies on these internals (as of :data:`TESTED_VERSIONS`), checked by
+:func:`check_internals` and ``tests/test_adapter_uvicorn_internals.py``:
 
 * ``uvicorn.Server``: ``startup(sockets)``, ``shutdown(sockets)``,
   ``lifespan`` (``startup()``, ``should_exit``, ``state``), ``servers``,
@@ -52,8 +42,6 @@ upgrade of uvicorn changes them):
   ``on_message_begin``, ``on_message_complete`` (httptools' callbacks);
 * for the handoff: the transport's ``get_extra_info("socket")``, ``abort()``
   (closes the fd without a shutdown) and ``pause_reading()``.
-
-Tested with :data:`TESTED_VERSIONS`.
 """
 
 from __future__ import annotations
@@ -510,30 +498,3 @@ class NodropServer(uvicorn.Server):
             f"connections: accepted {accepted}, adopted {adopted}, "
             f"handed over {self.handed_over}, returned {self.returned}"
         )
-
-
-def run_gunicorn_worker(worker: Any, on_started: Callable[[], object]) -> None:
-    """``run`` for gunicorn's ``UvicornWorker`` (either package): uvicorn's
-    own ``_serve`` with :class:`NodropServer` in place of ``uvicorn.Server``.
-
-    Relies on the worker's ``config`` (a uvicorn ``Config``), ``wsgi`` (the
-    app), ``sockets`` (gunicorn's, ``.sock``) and ``_install_sigquit_handler``.
-    """
-    config: Config = worker.config
-    config.app = worker.wsgi
-    server = NodropServer(
-        config,
-        on_started=on_started,
-        handoff=AsyncHandoff.from_environ(),
-        name="nodrop gunicorn worker",
-    )
-    sockets = [getattr(s, "sock", s) for s in worker.sockets]
-
-    async def serve() -> None:
-        worker._install_sigquit_handler()
-        await server.serve(sockets=sockets)
-
-    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        runner.run(serve())
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)

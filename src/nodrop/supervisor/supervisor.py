@@ -32,12 +32,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 from nodrop.errors import NodropError
 from nodrop.lograte import RateLimitedLog
 from nodrop.supervisor import api
 from nodrop.supervisor import reexec as carry
+from nodrop.supervisor.companion import Broker
 from nodrop.supervisor.config import (
     RunConfig,
     load_config,
@@ -67,23 +68,6 @@ from nodrop.supervisor.switchover import Switchover
 from nodrop.supervisor.takeover import Recovery
 from nodrop.systemd.notify import notify as sd_notify
 from nodrop.systemd.receiver import NotifyReceiver
-
-
-class Broker(Protocol):
-    """A companion service on the supervisor's loop (the connection broker of
-    keep-alive handoff): workers find it at ``$NODROP_HANDOFF``."""
-
-    path: str
-
-    async def start(self, supervisor: Supervisor) -> None: ...
-
-    def close(self) -> None: ...
-
-    def stats(self) -> dict[str, Any]: ...
-
-    def export_state(self) -> tuple[dict[str, Any], list[int]]:
-        """For ``nodrop reexec``: the broker's state and the fds to keep."""
-
 
 HISTORY = 50
 
