@@ -29,7 +29,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nodrop.kernel.pidfd import getfd, open_process, send_signal
 from nodrop.listeners.held import HeldSocket
@@ -49,10 +49,26 @@ from nodrop.supervisor.recovery import (
 
 if TYPE_CHECKING:
     from nodrop.supervisor.config import RunConfig
-    from nodrop.supervisor.supervisor import Supervisor
+    from nodrop.supervisor.generations import GenerationSet
 
 Log = Callable[[str], None]
 SO_DETACH_FILTER = 27
+
+
+class Host(Protocol):
+    """What recovery uses of the supervisor (which is one; this module does
+    not import it, so the two form no cycle)."""
+
+    gens: GenerationSet
+    output: WorkerOutput
+    config: RunConfig
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def log(self, message: str) -> None: ...
+
+    def warn(self, message: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -267,10 +283,10 @@ class Recovery:
     def __init__(self, control_path: str, orphans: Orphans | None = None) -> None:
         self.file = StateFile(state_path(control_path))
         self.orphans = orphans
-        self._sup: Supervisor | None = None
+        self._sup: Host | None = None
         self._warned = False
 
-    def start(self, sup: Supervisor) -> None:
+    def start(self, sup: Host) -> None:
         """Before generation 1 starts."""
         self._sup = sup
         if self.orphans is not None:
