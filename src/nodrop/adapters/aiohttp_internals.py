@@ -26,13 +26,13 @@ requests), ``_messages``, ``_current_request``, ``_request_in_progress``,
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import os
 import socket
 from typing import Any, cast
 
 from aiohttp.web_protocol import RequestHandler
 
+from nodrop.adapters.pinning import version_problems
 from nodrop.connhandoff import MAX_STATE
 
 TESTED_VERSIONS = {"aiohttp": "3.14.5"}
@@ -54,13 +54,7 @@ HANDLER_ATTRIBUTES = (
 
 def check_internals() -> list[str]:
     """What this module relies on that the installed aiohttp lacks (empty: all there)."""
-    problems = []
-    for name, tested in TESTED_VERSIONS.items():
-        installed = importlib.metadata.version(name)
-        if installed != tested:
-            problems.append(
-                f"{name} {installed} is installed; this module was tested with {tested}"
-            )
+    problems = version_problems(TESTED_VERSIONS)
     slots = set(getattr(RequestHandler, "__slots__", ()))
     for cls in RequestHandler.__mro__:
         slots |= set(getattr(cls, "__slots__", ()))

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import inspect
 import os
 import signal
@@ -61,6 +60,7 @@ from gunicorn.workers.gasgi import ASGIWorker
 
 from nodrop.adapters.accept import Acceptor
 from nodrop.adapters.asgi import AsgiDrain, DrainingApp
+from nodrop.adapters.pinning import version_problems
 from nodrop.connhandoff import AsyncHandoff
 
 TESTED_VERSIONS = {"gunicorn": "27.0.1"}
@@ -74,13 +74,7 @@ _POLL = 0.05
 
 def check_internals() -> list[str]:
     """What this module relies on that the installed gunicorn lacks (empty: all there)."""
-    problems = []
-    for name, tested in TESTED_VERSIONS.items():
-        installed = importlib.metadata.version(name)
-        if installed != tested:
-            problems.append(
-                f"{name} {installed} is installed; this module was tested with {tested}"
-            )
+    problems = version_problems(TESTED_VERSIONS)
     params = list(inspect.signature(ASGIProtocol._will_close).parameters)
     if params != ["self", "request", "response_requires_close"]:
         problems.append(f"ASGIProtocol._will_close takes {params}")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import inspect
 import os
 import signal
@@ -58,6 +57,7 @@ from hypercorn.typing import AppWrapper
 
 from nodrop.adapters.accept import Acceptor
 from nodrop.adapters.asgi import AsgiDrain
+from nodrop.adapters.pinning import version_problems
 from nodrop.connhandoff import MAX_STATE, AsyncHandoff
 from nodrop.systemd.notify import ready, stopping
 
@@ -76,13 +76,7 @@ rest is cancelled."""
 
 def check_internals() -> list[str]:
     """What this module relies on that the installed hypercorn lacks (empty: all there)."""
-    problems = []
-    for name, tested in TESTED_VERSIONS.items():
-        installed = importlib.metadata.version(name)
-        if installed != tested:
-            problems.append(
-                f"{name} {installed} is installed; this module was tested with {tested}"
-            )
+    problems = version_problems(TESTED_VERSIONS)
     init = list(inspect.signature(TCPServer.__init__).parameters)
     if init != ["self", "app", "loop", "config", "context", "state", "reader", "writer"]:
         problems.append(f"TCPServer.__init__ takes {init}")

@@ -47,7 +47,6 @@ It relies on these internals (as of :data:`TESTED_VERSIONS`), checked by
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import inspect
 import os
 import socket
@@ -62,6 +61,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nodrop.adapters.accept import Acceptor
 from nodrop.adapters.asgi import AsgiDrain, DrainingApp
+from nodrop.adapters.pinning import version_problems
 from nodrop.connhandoff import MAX_STATE, AsyncHandoff
 from nodrop.systemd.notify import stopping
 
@@ -84,13 +84,7 @@ Scope = MutableMapping[str, Any]
 
 def check_internals() -> list[str]:
     """What this module relies on that the installed uvicorn lacks (empty: all there)."""
-    problems = []
-    for name, tested in TESTED_VERSIONS.items():
-        installed = importlib.metadata.version(name)
-        if installed != tested:
-            problems.append(
-                f"{name} {installed} is installed; this module was tested with {tested}"
-            )
+    problems = version_problems(TESTED_VERSIONS)
     for method in ("startup", "shutdown"):
         params = list(inspect.signature(getattr(uvicorn.Server, method)).parameters)
         if params != ["self", "sockets"]:
