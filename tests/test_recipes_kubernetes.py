@@ -131,7 +131,13 @@ def test_sidecar_script_reloads_on_a_configmap_swap(
     assert sidecar.poll() is None
 
     configmap_volume(config, {"greeting": "hello-v2"}, "2026_01_01_00_01_00.2")
-    wait_for(lambda: sup.status()["active_generation"] == 2, timeout=30, what="the reload")
+    # The reload is over once it is in the history (the old generation has
+    # stopped accepting); "active" flips before that.
+    wait_for(
+        lambda: any(r["ok"] and r["generation"] == 2 for r in sup.status()["reloads"]),
+        timeout=30,
+        what="the reload",
+    )
     assert "tag=hello-v2" in http_get(port)
     assert "config changed" in log.read_text()
 

@@ -224,6 +224,9 @@ class OneShotServer:
         self.answers = answers
         self.served = 0
         self.done = threading.Event()
+        """Set once ``answers`` responses went out; the server keeps answering
+        (a request the client sends meanwhile must not wait for its timeout)."""
+        self.closing = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -233,7 +236,7 @@ class OneShotServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.done.set()
+        self.closing.set()
         self.thread.join(10)
         self.listener.close()
 
@@ -241,7 +244,7 @@ class OneShotServer:
         self.listener.settimeout(0.1)
         header = b"Connection: close\r\n" if self.signal_close else b""
         body = b"fast gen=1 pid=1\n"
-        while not self.done.is_set():
+        while not self.closing.is_set():
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
