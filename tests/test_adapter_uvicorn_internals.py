@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -23,6 +23,8 @@ from nodrop.adapters.uvicorn_internals import (  # noqa: E402
     NodropServer,
     check_internals,
 )
+from nodrop.connhandoff import AsyncHandoff  # noqa: E402
+from nodrop.connhandoff.client import GiveResult  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -242,3 +244,96 @@ def test_a_detached_connection_moves_with_what_was_read_of_its_next_request(
 
     first, prefix, second, served_by_new = run_on(loop, scenario, None)
     assert (first, prefix, second, served_by_new) == (b"/first", half, b"/second", 1)
+
+
+class SlowBroker:
+    """Stands in for the broker in one process (the give side of
+    ``AsyncHandoff``): each give waits until ``release`` is set, then places
+    the connections in ``new`` as the broker would."""
+
+    def __init__(self, new: Any) -> None:
+        self.new = new
+        self.giving = asyncio.Event()
+        self.release = asyncio.Event()
+        self.given = 0
+
+    async def start_receiving(self, adopt: Any, **_: Any) -> None:
+        """The old server receives nothing here."""
+
+    async def stop_receiving(self) -> None:
+        """Nothing to stop."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    async def give(self, conns: Any, states: Any = ()) -> GiveResult:
+        self.giving.set()
+        await self.release.wait()
+        for sock, state in zip(conns, states or [b""] * len(conns), strict=True):
+            self.new.adopt(sock, state)
+        self.given += len(conns)
+        return GiveResult(placed=len(conns))
+
+
+@pytest.mark.parametrize(("http", "loop"), [("h11", "asyncio"), ("httptools", "uvloop")])
+def test_a_connection_that_turns_idle_while_a_batch_is_given_is_given_too(
+    http: str, loop: str
+) -> None:
+    """Issue 12's rare failed request under load: a response that ended while
+    the broker was placing a batch took its connection out of uvicorn, but
+    the drain, seeing no connection left, ended with that one never given:
+    it closed with the old process. Here the last connection turns idle
+    while the first batch is held: both must reach the new server."""
+
+    async def scenario(_: Any) -> tuple[list[bytes], int, int]:
+        hold = asyncio.Event()
+
+        async def holding(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            body = scope["path"].encode()
+            headers = [(b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if scope["path"] == "/hold":
+                await hold.wait()
+            await send({"type": "http.response.body", "body": body})
+
+        def cfg() -> Any:
+            return uvicorn.Config(
+                holding, http=http, loop=loop, lifespan="off", log_level="warning"
+            )
+
+        new = NodropServer(cfg())
+        broker = SlowBroker(new)
+        old = NodropServer(cfg(), handoff=cast(AsyncHandoff, broker))
+        old_sock, new_sock = await started(old), await started(new)
+        port = old_sock.getsockname()[1]
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        idle_writer.write(GET % b"/fast")
+        await read_response(idle_reader)
+        busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+        busy_writer.write(GET % b"/hold")
+        await asyncio.wait_for(busy_reader.readuntil(b"\r\n\r\n"), 5)  # its response started
+        draining = asyncio.ensure_future(old.shutdown())
+        await asyncio.wait_for(broker.giving.wait(), 5)  # the idle one is on its way
+        hold.set()  # meanwhile the busy one's response ends: it turns idle
+        await asyncio.wait_for(busy_reader.readexactly(len(b"/hold")), 5)
+        broker.release.set()
+        await asyncio.wait_for(draining, 15)
+        answers = []
+        for reader, writer in ((idle_reader, idle_writer), (busy_reader, busy_writer)):
+            writer.write(GET % b"/next")
+            try:
+                _, body = await read_response(reader)
+            except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
+                body = repr(exc).encode()
+            answers.append(body)
+            writer.close()
+        new.force_exit = True
+        await new.shutdown()
+        old_sock.close()
+        new_sock.close()
+        return answers, broker.given, old.handed_over
+
+    answers, given, handed_over = run_on(loop, scenario, None)
+    assert (answers, given, handed_over) == ([b"/next", b"/next"], 2, 2)

@@ -49,7 +49,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gunicorn.arbiter import Arbiter
@@ -355,14 +355,11 @@ async def _drain(
                 if result.returned:
                     # Nobody can take them: served here, closed after their next response.
                     drain.returned += len(result.returned)
-                    give = drain.giving = False
-                    drain.close_http = True
-                    for index in result.returned:
-                        acceptor.adopt(batch[index])
-                    await acceptor.settle()
-                    for conn in list(drain.connections):
-                        conn.drain()
-        if not drain.connections:
+                    give = False
+                    await _stop_giving(drain, acceptor, [batch[i] for i in result.returned])
+        # A connection taken out while a batch was being given is in neither
+        # set: ending the drain now would close it with the process.
+        if not drain.connections and not drain.to_give:
             break
         if loop.time() >= deadline:
             if not give:
@@ -370,15 +367,29 @@ async def _drain(
             # Still busy after a keep-alive timeout (a client that always has
             # its next request in flight is never idle to give): close mode,
             # so each ends after its next response, with Connection: close.
-            give = drain.giving = False
-            drain.close_http = True
-            for conn in list(drain.connections):
-                conn.drain()
+            give = False
+            await _stop_giving(drain, acceptor)
             deadline = loop.time() + float(worker.cfg.keepalive) + DRAIN_EXTRA
         if loop.time() - last_notified >= 1.0:
             last_notified = loop.time()
             worker.notify()
         await asyncio.sleep(_POLL)
+
+
+async def _stop_giving(
+    drain: Drain, acceptor: Acceptor, back: Sequence[socket.socket] = ()
+) -> None:
+    """Serve every connection here from now on, each closed after its next
+    response: those the broker gave ``back``, and those taken out since the
+    last batch (never offered)."""
+    drain.giving = False
+    drain.close_http = True
+    taken, drain.to_give = drain.to_give, []
+    for sock in [*back, *taken]:
+        acceptor.adopt(sock)
+    await acceptor.settle()
+    for conn in list(drain.connections):
+        conn.drain()
 
 
 def run(worker: Any, on_started: Callable[[], object]) -> None:

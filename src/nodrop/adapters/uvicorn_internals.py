@@ -51,7 +51,7 @@ import inspect
 import os
 import socket
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import h11
@@ -417,7 +417,10 @@ class NodropServer(uvicorn.Server):
         while not self.force_exit:
             if give:
                 give = await self._give_idle()
-            if not connections:
+            # A connection taken out while a batch was being given is in
+            # neither: it is not a connection of uvicorn's any more, and not
+            # given yet. Ending the drain now would close it with the process.
+            if not connections and not self._to_give:
                 break
             if loop.time() >= deadline:
                 if not give:
@@ -426,11 +429,7 @@ class NodropServer(uvicorn.Server):
                 # has its next request in flight is never idle to give): close
                 # mode, so each ends after its next response (Connection: close).
                 give = False
-                for conn in list(connections):
-                    if isinstance(conn, DrainingMixin):
-                        conn.on_idle = None
-                await self.asgi_drain.start(close_http=True)
-                self._close_idle_at_timeout()
+                await self._stop_giving()
                 deadline = loop.time() + self.config.timeout_keep_alive + self.drain_extra
             if notify is not None and loop.time() - last_notified >= 1.0:
                 # gunicorn's heartbeat: a long drain is not a hung worker.
@@ -471,17 +470,23 @@ class NodropServer(uvicorn.Server):
         if not result.returned:
             return True
         self.returned += len(result.returned)
+        await self._stop_giving([batch[index] for index in result.returned])
+        return False
+
+    async def _stop_giving(self, back: Sequence[tuple[socket.socket, bytes]] = ()) -> None:
+        """Serve every connection here from now on, each closed after its next
+        response (the classic drain): those given ``back`` by the broker, and
+        those taken out since the last batch (they were never offered)."""
         for conn in list(self.server_state.connections):
             if isinstance(conn, DrainingMixin):
                 conn.on_idle = None
         await self.asgi_drain.start(close_http=True)
         assert self.acceptor is not None
-        for index in result.returned:
-            sock, prefix = batch[index]
+        taken, self._to_give = self._to_give, []
+        for sock, prefix in [*back, *taken]:
             self.acceptor.adopt(sock, prefix)
         await self.acceptor.settle()
         self._close_idle_at_timeout()
-        return False
 
     def summary(self) -> str:
         """What this worker did with connections, for its last log line."""
