@@ -160,3 +160,37 @@ def test_two_thousand_idle_connections_survive_a_reload(supervise: Start, nofile
     assert ledger["returned"] == ledger["closed_by_broker"] == ledger["lost"] == 0, ledger
     assert not [w for w in sup.status()["warnings"] if UNREGISTERED in w]
     assert sup.stop() == 0
+
+
+@pytest.mark.slow
+def test_handoff_is_on_by_default_and_quiet_for_servers_that_do_not_take_part(
+    supervise: Start,
+) -> None:
+    """Without ``--handoff``: an adapter's idle connections move at a reload;
+    a server without handoff support serves as before, with one note in the
+    log at start and no warning in ``nodrop status`` (``--handoff`` warns)."""
+    adapter = supervise(
+        "--listen", "tcp://127.0.0.1:0", "--ready-grace", "0.1", "--drain-timeout", "30",
+        command=aiohttp_command(), env=ENV,
+    )  # fmt: skip
+    n = 4
+    with IdleConnections(adapter.port(), n) as idle:
+        assert idle.check()[0] == n
+        assert adapter.reload(wait="drained")["ok"]
+        assert last_ledger(adapter)["handed_over"] == n
+        ok, failures, generations = idle.check()
+        assert (ok, failures, set(generations)) == (n, [], {"2"})
+    assert adapter.status()["handoff"]["requested"] is False
+    assert adapter.stop() == 0
+
+    plain = supervise("--listen", "tcp://127.0.0.1:0", "--ready-grace", "0.1", command=SERVER)
+    note = "connection handoff: 1 worker(s) of generation 1 did not register"
+    wait_for(lambda: note in plain.log(), 10, "the note about the unregistered worker")
+    assert plain.reload(wait="drained")["ok"]
+    status = plain.status()
+    assert status["handoff"]["registered_workers"] == []
+    assert not [w for w in status["warnings"] if UNREGISTERED in w], status["warnings"]
+    log = plain.log()
+    assert log.count("did not register") == 1, log[-3000:]
+    assert "warning:" not in log, log[-3000:]
+    assert plain.stop() == 0

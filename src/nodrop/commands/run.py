@@ -154,10 +154,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--handoff",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="run the connection broker ($NODROP_HANDOFF) so draining workers that cooperate "
-        "hand idle keep-alive connections to the new generation (experimental, default off; "
-        "see docs/keepalive.md)",
+        default=None,
+        help="hand the draining workers' idle keep-alive connections to the new generation "
+        "through the connection broker ($NODROP_HANDOFF), so reloads close no connection "
+        "(default: on; servers that do not take part are served as with --no-handoff; "
+        "--handoff warns when they do not; see docs/keepalive.md)",
     )
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     parser.set_defaults(func=run)
@@ -259,7 +260,9 @@ def run(args: argparse.Namespace) -> int:
         cli_values=values,
         tag_output=not args.no_tag_output,
         service_notify_socket=service_notify,
-        broker=ConnectionBroker.in_private_dir() if args.handoff else None,
+        broker=None
+        if args.handoff is False
+        else ConnectionBroker.in_private_dir(requested=args.handoff is True),
         name=name,
         log_format=args.log_format,
         metrics_server=MetricsServer(bind_metrics(args.metrics)) if args.metrics else None,

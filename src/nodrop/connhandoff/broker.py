@@ -93,6 +93,8 @@ class ConnectionBroker:
             are treated as dead.
         linger: see :data:`DEFAULT_LINGER`.
         private_dir: a directory the broker owns and removes on close.
+        requested: handoff was asked for (``--handoff``), not on by default:
+            workers that do not register are then a warning (``stats()``).
     """
 
     def __init__(
@@ -102,8 +104,10 @@ class ConnectionBroker:
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         linger: float = DEFAULT_LINGER,
         private_dir: str | None = None,
+        requested: bool = True,
     ) -> None:
         self.path = path
+        self.requested = requested
         self.ack_timeout = ack_timeout
         self.linger = linger
         self._private_dir = private_dir
@@ -164,6 +168,7 @@ class ConnectionBroker:
             "listener": self._listener.fileno(),
             "receivers": receivers,
             "counts": dict(self.counts),
+            "requested": self.requested,
         }
         return state, [self._listener.fileno(), *(r["fd"] for r in receivers)]
 
@@ -171,7 +176,11 @@ class ConnectionBroker:
     def from_state(cls, state: dict[str, Any]) -> ConnectionBroker:
         """A broker that, once started, takes over :meth:`export_state`'s
         sockets and receivers (the workers notice nothing)."""
-        self = cls(state["path"], private_dir=state["private_dir"])
+        self = cls(
+            state["path"],
+            private_dir=state["private_dir"],
+            requested=bool(state.get("requested", True)),
+        )
         self._adopt = state
         return self
 
@@ -237,6 +246,7 @@ class ConnectionBroker:
         generation, returned to the giver, closed by the broker, and now."""
         return {
             "path": self.path,
+            "requested": self.requested,
             "receivers": self._receivers.alive(),
             # The supervisor's workers (not their children) with a live receiver.
             "registered_workers": sorted(

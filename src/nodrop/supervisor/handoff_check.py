@@ -1,12 +1,13 @@
 """Is the connection handoff doing anything? Workers that did not register.
 
-With ``--handoff`` (the default) the supervisor runs the connection broker,
+The supervisor runs the connection broker unless ``--no-handoff`` is given,
 but only servers that take part register with it: nodrop's adapters and
 servers written on :mod:`nodrop.connhandoff`. Every other server (gunicorn's
 sync workers, lighttpd, a plain ``uvicorn``) serves as before, and its idle
 keep-alive connections are closed at each reload as without handoff. That
-is not an error, but a user who turned handoff on, or relies on its being
-on, should be told once rather than find ``0 handed over`` later.
+is not an error. A user who asked for handoff (``--handoff``) is warned, in
+the log and in ``nodrop status``, rather than finding ``0 handed over``
+later; with handoff on by default, the log says it once (:func:`note`).
 
 A worker registers before it says ``READY=1`` (:meth:`AsyncHandoff.start_receiving
 <nodrop.connhandoff.aio.AsyncHandoff.start_receiving>` says so), so once a
@@ -50,4 +51,18 @@ def warning(active: Generation | None, registered: Iterable[int]) -> str | None:
         "handoff: their idle keep-alive connections are closed at each reload instead of "
         "handed over, and clients reconnect. To hand them over, run the server through its nodrop adapter "
         "(docs/keepalive.md); to silence this, run with --no-handoff."
+    )
+
+
+def note(active: Generation | None, registered: Iterable[int]) -> str | None:
+    """The one log line when handoff is on by default (not asked for) and
+    the workers of the active generation did not register, or None."""
+    missing = unregistered(active, registered)
+    if not missing or active is None:
+        return None
+    return (
+        f"connection handoff: {len(missing)} worker(s) of generation {active.number} did not "
+        "register with the connection broker (their server does not take part; "
+        "docs/keepalive.md): their idle keep-alive connections are closed at each reload, "
+        "as without handoff. --no-handoff turns the broker off."
     )

@@ -13,6 +13,7 @@ from nodrop.supervisor import api
 from nodrop.supervisor.config import RunConfig
 from nodrop.supervisor.eventlog import EventLog
 from nodrop.supervisor.generations import GenerationSet
+from nodrop.supervisor.handoff_check import note as handoff_note
 from nodrop.supervisor.handoff_check import warning as handoff_warning
 from nodrop.supervisor.inherit_listeners import ListenerProvider
 from nodrop.supervisor.ledger import Ledgers, ReloadLedger
@@ -139,22 +140,29 @@ def build_status(sup: Observed) -> api.StatusReply:
 
 
 def _handoff_warnings(sup: Observed, handoff: dict[str, Any] | None) -> list[str]:
-    if handoff is None:
+    if handoff is None or not handoff.get("requested", True):
         return []
     text = handoff_warning(sup.active, handoff.get("registered_workers", ()))
     return [] if text is None else [text]
 
 
-def check_handoff(sup: Observed) -> None:
-    """Once a generation serves: one log line if handoff is on and some of
-    its workers did not register with the broker (``nodrop status`` shows
-    the same warning for as long as it holds)."""
+def check_handoff(sup: Observed, *, first: bool = False) -> None:
+    """Once a generation serves: if some of its workers did not register
+    with the broker, a warning when handoff was asked for (``--handoff``;
+    ``nodrop status`` shows it for as long as it holds), or, handoff being
+    on by default, one line at the first generation's start."""
     if sup.broker is None:
         return
-    for text in _handoff_warnings(sup, sup.broker.stats()):
-        sup.events.event(
-            "warning", text, level="warning", fields={"warning": "handoff_unregistered"}
-        )
+    stats = sup.broker.stats()
+    if stats.get("requested", True):
+        for text in _handoff_warnings(sup, stats):
+            sup.events.event(
+                "warning", text, level="warning", fields={"warning": "handoff_unregistered"}
+            )
+    elif first:
+        note = handoff_note(sup.active, stats.get("registered_workers", ()))
+        if note is not None:
+            sup.events.event("note", note, fields={"note": "handoff_unregistered"})
 
 
 def record_start(sup: Observed, outcome: ReloadOutcome) -> None:
@@ -162,7 +170,7 @@ def record_start(sup: Observed, outcome: ReloadOutcome) -> None:
     sup.history.append(outcome)
     sup.metrics.reload(outcome, first=True)
     if outcome.ok:
-        check_handoff(sup)
+        check_handoff(sup, first=True)
 
 
 def record_reload(sup: Observed, outcome: ReloadOutcome) -> None:
