@@ -107,6 +107,7 @@ def start(
     env: dict[str, str] | None = None,
     activate: tuple[socket.socket, str] | None = None,
     control: str | None = None,
+    output: str | None = None,
 ) -> Supervised:
     """`nodrop run RUN_ARGS -- COMMAND`, started as systemd would (NOTIFY_SOCKET).
 
@@ -114,7 +115,9 @@ def start(
     socket activation would pass it: at fd 3, with ``LISTEN_FDS``. A test
     that must know the port before the server starts binds port 0 itself
     and hands the socket over this way. ``control``: the control socket
-    (default: in ``tmp_path``).
+    (default: in ``tmp_path``). ``output``: a file for the supervisor's
+    stdout and stderr instead of the log (``/dev/full``: a full disk); the
+    log is then empty.
     """
     control = control or str(tmp_path / "control.sock")
     notify = NotifyReceiver(str(tmp_path / "service-notify.sock"))
@@ -128,7 +131,8 @@ def start(
         sock, name = activate
         argv = [sys.executable, "-c", _ACTIVATE, str(sock.fileno()), name, *argv]
         pass_fds = (sock.fileno(),)
-    with open(log_path, "wb") as log:
+    log_path.touch()
+    with open(output or log_path, "wb") as log:
         proc = procs.popen(
             argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds
         )

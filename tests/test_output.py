@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 from collections.abc import Iterator
 
 import pytest
 
+from nodrop.supervisor.logsink import LogSink, gap_line
 from nodrop.supervisor.output import TaggedStream
 
 
@@ -45,3 +47,41 @@ def test_close_does_not_wait_for_a_writer_that_keeps_the_pipe_open(
     stream.close()  # a grandchild still holds ``w``: EAGAIN ends the read
     os.close(w)
     assert sink.getvalue() == b"[g1.w1] last line\n"
+
+
+def test_a_full_disk_drops_lines_and_never_raises() -> None:
+    with open("/dev/full", "wb") as full:
+        sink = LogSink(full)
+        assert not sink.write(b"one\ntwo\n", 2)
+        assert not sink.write(b"three\n")
+    assert (sink.lost, sink.lost_total) == (3, 3)
+    assert sink.error == "No space left on device"
+
+
+def test_output_that_works_again_says_first_how_many_lines_were_lost() -> None:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(r, "rb", buffering=0) as reader, open(w, "wb", buffering=0) as writer:
+        sink = LogSink(writer)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # a pipe whose reader stalled: full
+                os.write(w, b"x" * 65536)
+        assert not sink.write(b"a\nb\n", 2)
+        while reader.read(1 << 20):
+            pass
+        assert sink.write(b"c\n")
+        expected = gap_line(2, "Resource temporarily unavailable", os.getpid()) + b"c\n"
+        assert reader.read(1 << 20) == expected
+    assert (sink.lost, sink.lost_total) == (0, 2)
+
+
+def test_a_worker_line_the_sink_drops_is_still_kept_for_the_rollback_message(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    lines: list[str] = []
+    with open("/dev/full", "wb") as full:
+        stream = TaggedStream(loop, r, "[g2.w1]", full, lines.append)
+        os.write(w, b"rollback reason: bad config\n")
+        os.close(w)
+        stream.close()
+    assert lines == ["rollback reason: bad config"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from nodrop.commands._numbers import positive_seconds, seconds
@@ -199,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     from nodrop.supervisor.config import config_from_dict, load_config
     from nodrop.supervisor.control import default_control_path, prepare_control_dir
     from nodrop.supervisor.discovery import check_name, derive_name
+    from nodrop.supervisor.logsink import say
     from nodrop.supervisor.metrics_http import MetricsServer, bind_metrics
     from nodrop.supervisor.process import become_subreaper
     from nodrop.supervisor.reexec import load_state, restore
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     values = cli_values(args)
     state = load_state()
     if state is not None:  # we are `nodrop reexec`'s new program
-        restored, resume = restore(state, log=lambda m: print(f"nodrop: {m}", file=sys.stderr))
+        restored, resume = restore(state, log=lambda m: say(f"nodrop: {m}"))
         broker_state = state["broker"]
         supervisor = Supervisor(
             config_from_dict(state["config"]),
@@ -247,9 +247,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_control_dir(control)  # a bad path is refused before anything starts
     service_notify = os.environ.pop("NOTIFY_SOCKET", None)
     become_subreaper()
-    listeners = make_listeners(
-        config, inherited, log=lambda m: print(f"nodrop: {m}", file=sys.stderr)
-    )
+    listeners = make_listeners(config, inherited, log=lambda m: say(f"nodrop: {m}"))
     recovery = take_over(control, listeners)  # a killed predecessor's workers, if any
     supervisor = Supervisor(
         config,

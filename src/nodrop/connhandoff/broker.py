@@ -400,6 +400,11 @@ class ConnectionBroker:
                 if item.identity.type != socket.SOCK_STREAM or item.identity.listening:
                     raise ProtocolError("only connected stream sockets can be handed over")
             transfer.meta["_states"] = decode_states(transfer.meta, len(transfer.sockets))
+        except OSError as exc:
+            # Nothing was placed: the giver must hear so and keep its
+            # connections (a bare close would make it count them unknown).
+            transfer.close()
+            raise ProtocolError(f"cannot receive the batch: {exc}") from exc
         except BaseException:
             transfer.close()
             raise

@@ -29,7 +29,7 @@ from nodrop.connhandoff.wire import (
     plan_batches,
     register_header,
 )
-from nodrop.errors import ProtocolError
+from nodrop.errors import ProtocolError, TruncatedError
 from nodrop.fdwire import DEFAULT_TIMEOUT, Channel, connect, parse_fds_chunk
 from nodrop.listeners.identity import SocketIdentity, identify
 
@@ -131,11 +131,18 @@ class Receiver:
             None once the broker has confirmed :meth:`unregister` or went away.
 
         Raises:
-            ProtocolError: a malformed batch (its fds are closed, the broker
-                told why; the connections stay with the broker).
+            ProtocolError: a malformed batch, or one the kernel truncated
+                because we are at RLIMIT_NOFILE (``TruncatedError``): its fds
+                are closed, the broker is told why and gives the connections
+                to another worker or back to the giver.
         """
         try:
             header, fds = self.channel.recv(max_fds=MAX_BATCH)
+        except TruncatedError as exc:
+            # At our fd limit the kernel dropped the batch's fds (MSG_CTRUNC):
+            # refuse it, so the broker gives it to another worker or back.
+            self.channel.reply_error(f"{exc}")
+            raise
         except ProtocolError as exc:
             if "peer closed" in str(exc):
                 return None

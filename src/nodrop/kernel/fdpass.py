@@ -117,7 +117,12 @@ def ensure_fd_room(needed: int) -> None:
             lose fds.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    used = len(os.listdir("/proc/self/fd"))
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError as exc:  # EMFILE: not even one fd left to count them with
+        raise TruncatedError(
+            f"cannot receive {needed} fds: {exc.strerror}; RLIMIT_NOFILE is {soft} (hard {hard})"
+        ) from exc
     want = used + needed + 16
     if want <= soft:
         return

@@ -47,6 +47,7 @@ class StatusReply(TypedDict):
     recovery: dict[str, Any] | None
     crash_loop: bool
     warnings: list[str]
+    log_lines_lost: int
     summary: str
     handoff: dict[str, Any] | None
     metrics: dict[str, Any]

@@ -11,6 +11,9 @@ with the same message and the event's fields::
      "event": "reload", "message": "...", "data": {"ok": true, "generation": 3, ...}}
 
 Workers' own output is not rewritten: it keeps its ``[gN.wI]`` prefix.
+
+A line that cannot be written (a full disk...) is dropped and counted, never
+raised into the code that logs it (:mod:`.logsink`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from nodrop.supervisor.logsink import sink_for
+
 LOG_FORMATS = ("text", "json")
 
 
@@ -29,6 +34,7 @@ class EventLog:
         if fmt not in LOG_FORMATS:
             raise ValueError(f"log format {fmt!r}: expected one of {LOG_FORMATS}")
         self.stream = stream
+        self.sink = sink_for(stream)
         self.fmt = fmt
 
     def event(
@@ -55,4 +61,4 @@ class EventLog:
         else:
             prefix = "warning: " if level == "warning" else ""
             line = f"nodrop[{os.getpid()}]: {prefix}{message}"
-        print(line, file=self.stream, flush=True)
+        self.sink.write(f"{line}\n".encode(errors="replace"))

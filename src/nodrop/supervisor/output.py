@@ -3,6 +3,10 @@
 Each line becomes ``[g3.w1] original line`` on the supervisor's own stdout or
 stderr, so logs of overlapping generations stay readable. The last lines of
 each worker's stderr are kept for the message of a failed reload.
+
+An output that fails (a full disk, a closed pipe) costs only the lines it
+could not take (:mod:`.logsink`): the pipes are still read to the end, so
+no worker blocks on a full pipe, and the stderr tail is still kept.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
+
+from nodrop.supervisor.logsink import sink_for
 
 MAX_LINE = 64 * 1024
 F_SETPIPE_SZ = 1031
@@ -37,7 +43,7 @@ class TaggedStream:
         self._loop = loop
         self._fd = fd
         self._tag = tag.encode() + b" "
-        self._sink = sink
+        self._sink = sink_for(sink)
         self._on_line = on_line
         self._partial = b""
         os.set_blocking(fd, False)
@@ -72,9 +78,7 @@ class TaggedStream:
     def _emit(self, lines: list[bytes]) -> None:
         if not lines:
             return
-        self._sink.write(b"".join(self._tag + line + b"\n" for line in lines))
-        with contextlib.suppress(OSError, ValueError):
-            self._sink.flush()
+        self._sink.write(b"".join(self._tag + line + b"\n" for line in lines), len(lines))
         if self._on_line is not None:
             for line in lines:
                 self._on_line(line.decode("utf-8", "replace"))

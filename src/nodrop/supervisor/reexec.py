@@ -20,6 +20,7 @@ with a :class:`Resume`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -248,8 +249,9 @@ def execute(state: ReexecState, fds: Sequence[int]) -> None:
             env["NOTIFY_SOCKET"] = state["service_notify"]
         argv = [sys.executable, "-m", "nodrop", *sys.argv[1:]]
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a full disk must not stop it
+                stream.flush()
         os.execve(sys.executable, argv, env)
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from nodrop._version import __version__
-from nodrop.supervisor import api
+from nodrop.supervisor import api, logsink
 from nodrop.supervisor.config import RunConfig
 from nodrop.supervisor.eventlog import EventLog
 from nodrop.supervisor.generations import GenerationSet
@@ -128,7 +128,9 @@ def build_status(sup: Observed) -> api.StatusReply:
         "crash_loop": sup.restarts.crash_loop(now),
         "warnings": list(sup.listeners.warnings())
         + list(sup.warnings_log)
-        + _handoff_warnings(sup, handoff),
+        + _handoff_warnings(sup, handoff)
+        + logsink.warnings(),
+        "log_lines_lost": logsink.lost_lines(),
         "summary": sup.status_line(),
         "handoff": handoff,
         "metrics": sup.metrics.to_dict(),

@@ -36,6 +36,7 @@ from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import SocketIdentity, identify
 from nodrop.listeners.spec import parse_spec
 from nodrop.supervisor.inherit_listeners import ListenerProvider
+from nodrop.supervisor.logsink import say
 from nodrop.supervisor.output import WorkerOutput
 from nodrop.supervisor.recovery import (
     SD_LISTEN_FDS_START,
@@ -345,9 +346,7 @@ class Recovery:
 def take_over(control_path: str, listeners: ListenerProvider) -> Recovery:
     """``nodrop run``'s recovery: take over what a killed supervisor of
     ``control_path`` left (its listening sockets go to ``listeners``)."""
-    import sys
-
-    orphans = Orphans.find(control_path, lambda m: print(f"nodrop: {m}", file=sys.stderr))
+    orphans = Orphans.find(control_path, lambda m: say(f"nodrop: {m}"))
     if orphans is not None:
         # inherit: we serve on their very sockets. reuseport: we bind our own
         # beside theirs (same ports), and theirs drain and migrate.
