@@ -1,7 +1,7 @@
 """aiohttp under `nodrop run`, through ``nodrop.adapters.aiohttp``.
 
     nodrop run --listen tcp://0.0.0.0:8000 -- python server.py
-    nodrop run --listen tcp://0.0.0.0:8000 --handoff -- python server.py
+    nodrop run --listen tcp://0.0.0.0:8000 -- python server.py
 
 (or, with no ``__main__`` of your own: ``python -m nodrop.adapters.aiohttp
 server:create_app``). ``run_app`` serves the inherited sockets, says

@@ -8,8 +8,9 @@ Each one removes a real piece of friction and nothing more:
   app:app``: uvicorn (asyncio or uvloop, h11 or httptools) on every
   inherited socket, ``READY=1`` after the lifespan start-up, a drain that
   fails no request (``Connection: close`` on the next response, idle
-  connections closed only at their keep-alive timeout) and, under ``nodrop
-  run --handoff``, idle connections handed to the new generation;
+  connections closed only at their keep-alive timeout) and, with
+  connection handoff (``nodrop run``'s default), idle connections handed
+  to the new generation;
   uvicorn's internals it relies on are in :mod:`nodrop.adapters.uvicorn_internals`;
 * :mod:`nodrop.adapters.gunicorn` -- a gunicorn config module: ``READY=1``
   only once every worker has started its application (after the lifespan

@@ -27,13 +27,13 @@ WebSocket client why its session ends. This adapter:
   timeout, as in steady state; WebSocket sessions are closed with 1012
   (Service Restart); then ``runner.cleanup()`` runs ``on_shutdown`` and
   ``on_cleanup``;
-* under ``nodrop run --handoff`` hands idle keep-alive connections to the
-  new generation instead (:mod:`nodrop.adapters.aiohttp_internals`).
+* under ``nodrop run`` (connection handoff, unless ``--no-handoff``) hands
+  idle keep-alive connections to the new generation instead (:mod:`nodrop.adapters.aiohttp_internals`).
 
 The drain waits at most ``drain_timeout`` seconds (default: the keep-alive
 timeout plus 5 s, at most 25 s; aiohttp's own keep-alive timeout is 3630 s,
-so pass ``keepalive_timeout=`` shorter than the drain, or use ``--handoff``,
-for idle connections never to be closed early).
+so pass ``keepalive_timeout=`` shorter than the drain, or keep connection
+handoff on (``nodrop run``'s default), for idle connections never to be closed early).
 """
 
 from __future__ import annotations

@@ -394,7 +394,7 @@ async def _stop_giving(
 
 def run(worker: Any, on_started: Callable[[], object]) -> None:
     """The worker's ``run``: serve, drain on SIGTERM (or hand idle connections
-    over, under ``nodrop run --handoff``), shut down."""
+    over: ``nodrop run``'s connection handoff), shut down."""
     try:
         worker.loop.run_until_complete(_serve(worker, on_started, AsyncHandoff.from_environ()))
     except Exception as exc:

@@ -24,8 +24,8 @@ response without saying ``Connection: close``; WebSocket sessions are cut
   only when their keep-alive timeout passes (as hypercorn would anyway),
   closes WebSocket sessions with 1012 (Service Restart) and sends HTTP/2
   connections a GOAWAY;
-* under ``nodrop run --handoff`` hands idle HTTP/1.1 keep-alive connections
-  (and ones accepted but whose request has not fully arrived, with what was
+* under ``nodrop run`` (connection handoff, unless ``--no-handoff``) hands
+  idle HTTP/1.1 keep-alive connections (and ones accepted but whose request has not fully arrived, with what was
   read of it) to the new generation instead, which serves them as its own.
 
 Other settings come from a hypercorn config file (``--config

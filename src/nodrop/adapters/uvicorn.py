@@ -15,8 +15,9 @@ start-up that fails exits 3, and ``nodrop reload`` rolls back), and on
 SIGTERM drains without failing a request: nothing more is accepted, the next
 response on each kept-alive connection says ``Connection: close``, idle
 connections close only at their keep-alive timeout, WebSocket sessions
-close with 1012; under ``nodrop run --handoff`` idle connections move to the
-new generation instead. asyncio and uvloop, h11 and httptools alike; see
+close with 1012; under ``nodrop run`` (connection handoff, unless
+``--no-handoff``) idle connections move to the new generation instead.
+asyncio and uvloop, h11 and httptools alike; see
 :mod:`nodrop.adapters.uvicorn_internals`. Plain ``uvicorn --fd 3`` was
 measured to fail requests on every reload (new connections closed
 unanswered or reset; kept-alive ones closed under their clients); this

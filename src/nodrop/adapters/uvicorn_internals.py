@@ -16,8 +16,8 @@ protocol classes and changes only that:
   ``Connection: close`` (:class:`nodrop.adapters.asgi.AsgiDrain`), WebSocket
   sessions close with 1012, and an idle keep-alive connection closes only
   at its keep-alive timeout, as in steady state;
-* under ``nodrop run --handoff``, instead, each connection is given to the
-  new generation the moment it is idle (between requests, nothing unwritten,
+* with connection handoff (``nodrop run``'s default), instead, each
+  connection is given to the new generation the moment it is idle (between requests, nothing unwritten,
   no complete request buffered; with h11, what was read of the next request
   travels with it) and served there by the same protocol classes; one
   nobody takes is served here, with ``Connection: close``;
@@ -290,7 +290,7 @@ class NodropServer(uvicorn.Server):
         on_started: called once the lifespan start-up completed and the
             server accepts (``READY=1``).
         drain_extra: see :data:`DEFAULT_DRAIN_EXTRA`.
-        handoff: the connection handoff (``nodrop run --handoff``): idle
+        handoff: the connection handoff (``nodrop run``'s default): idle
             connections are then given to the new generation at drain, and
             connections the old generation gives are served here.
         name: what the last log line (the connection counts) starts with.
