@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import CHILDREN, Procs
+from nodrop.load import LoadConfig, Mode
 from nodrop.supervisor.control import request
 from nodrop.systemd.receiver import Notification, NotifyReceiver
 
@@ -146,3 +147,27 @@ def start(
 
 
 Start = Callable[..., Supervised]
+
+
+def close_mode_load(
+    port: int,
+    *,
+    duration: float = 4.0,
+    reload_every: float = 1.0,
+    reloads: int = 1,
+    concurrency: int = 8,
+) -> LoadConfig:
+    """The fault tests' load: one process of ``concurrency`` clients on
+    loopback, a new connection per request, 5 s per attempt; the reloader
+    is called ``reloads`` times, every ``reload_every`` seconds."""
+    return LoadConfig(
+        host="127.0.0.1",
+        port=port,
+        mode=Mode.CLOSE,
+        concurrency=concurrency,
+        duration=duration,
+        processes=1,
+        reload_every=reload_every,
+        reloads=reloads,
+        timeout=5.0,
+    )

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from nodrop.load import LoadConfig, Mode, run_load
+from nodrop.load import run_load
 from nodrop.load.outcome import Outcome
 from nodrop.load.reload import ReloadRecord
 from nodrop.testing.waiting import wait_for
-from supervisor_harness import SERVER, Start, Supervised
+from supervisor_harness import SERVER, Start, Supervised, close_mode_load
 
 
 def settled(sup: Supervised) -> list[str]:
@@ -49,17 +49,7 @@ def test_a_hundred_reloads_in_one_second_under_load_drop_nothing(supervise: Star
             return ReloadRecord(started, None, None, True, "burst", done)
 
     burst = Burst()
-    config = LoadConfig(
-        host="127.0.0.1",
-        port=port,
-        mode=Mode.CLOSE,
-        concurrency=8,
-        duration=4.0,
-        processes=1,
-        reload_every=0.5,
-        reloads=1,
-        timeout=5.0,
-    )
+    config = close_mode_load(port, reload_every=0.5)
     result = run_load(config, burst)
     assert result.failed == 0, result.outcomes
     assert len(burst.answers) == 100
@@ -152,17 +142,7 @@ def test_kill_9_of_a_worker_at_each_phase_of_a_reload(supervise: Start, phase: s
             done = time.monotonic()
             return ReloadRecord(started, None, None, True, f"kill {victim}", done)
 
-    config = LoadConfig(
-        host="127.0.0.1",
-        port=port,
-        mode=Mode.CLOSE,
-        concurrency=8,
-        duration=3.0,
-        processes=1,
-        reload_every=0.5,
-        reloads=1,
-        timeout=5.0,
-    )
+    config = close_mode_load(port, duration=3.0, reload_every=0.5)
     result = run_load(config, KillDuringReload())
     failures = {k: v for k, v in result.outcomes.items() if k != Outcome.OK.label and v}
     # A SIGKILL loses what the worker had accepted and not answered: at most

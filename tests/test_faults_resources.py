@@ -26,11 +26,11 @@ from nodrop.connhandoff.broker import ConnectionBroker
 from nodrop.connhandoff.client import Giver, GiveResult
 from nodrop.errors import HolderError
 from nodrop.holder import client as holder_client
-from nodrop.load import LoadConfig, Mode, run_load
+from nodrop.load import run_load
 from nodrop.load.outcome import Outcome
 from nodrop.load.reload import ReloadRecord
 from nodrop.testing.waiting import wait_for
-from supervisor_harness import SERVER, Start, Supervised
+from supervisor_harness import SERVER, Start, Supervised, close_mode_load
 from test_broker import FakeHost, give_with_broker, run_broker, start_receiver
 from test_broker import tcp_pairs as tcp_pairs  # a fixture
 from test_holder import inode, listener, start_holder
@@ -84,17 +84,7 @@ def test_a_full_disk_for_the_logs_costs_log_lines_and_nothing_else(supervise: St
     )
     port = sup.port()
     reloads = Reloads(sup)
-    config = LoadConfig(
-        host="127.0.0.1",
-        port=port,
-        mode=Mode.CLOSE,
-        concurrency=8,
-        duration=4.0,
-        processes=1,
-        reload_every=1.0,
-        reloads=2,
-        timeout=5.0,
-    )
+    config = close_mode_load(port, reloads=2)
     result = run_load(config, reloads)
     failures = {k: v for k, v in result.outcomes.items() if k != Outcome.OK.label and v}
     assert not failures, failures

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 
-from nodrop.load import LoadConfig, Mode, run_load
+from nodrop.load import run_load
 from nodrop.load.outcome import Outcome
 from nodrop.load.reload import ReloadRecord
 from nodrop.supervisor.control import request
-from supervisor_harness import Start
+from supervisor_harness import Start, close_mode_load
 
 
 class Stopper:
@@ -37,17 +37,7 @@ def test_stop_under_load_resets_nothing(supervise: Start) -> None:
     sup = supervise("--listen", "tcp://127.0.0.1:0?name=web&backlog=4096", "--workers", "2")
     port = sup.port()
     stopper = Stopper(sup.control)
-    config = LoadConfig(
-        host="127.0.0.1",
-        port=port,
-        mode=Mode.CLOSE,
-        concurrency=32,
-        duration=3.0,
-        processes=1,
-        reload_every=1.0,
-        reloads=1,
-        timeout=5.0,
-    )
+    config = close_mode_load(port, duration=3.0, concurrency=32)
     result = run_load(config, stopper)
     assert stopper.reply.get("ok"), stopper.reply
     assert sup.proc.wait(timeout=30) == 0

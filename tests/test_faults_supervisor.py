@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 from conftest import Procs, waitpid_status
-from nodrop.load import LoadConfig, Mode, run_load
+from nodrop.load import run_load
 from nodrop.load.reload import ReloadRecord
 from nodrop.supervisor.recovery import read_state, state_path
 from nodrop.testing.waiting import wait_for
-from supervisor_harness import SERVER, Supervised, http_get, start
+from supervisor_harness import SERVER, Supervised, close_mode_load, http_get, start
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -134,17 +134,7 @@ def test_kill_9_of_the_supervisor_under_load_loses_nothing(
     first = start(procs, tmp_path, *args, command=[*SERVER, "--ready-after", "0.2"])
     port = first.port()
     killer = KillAndRestart(procs, tmp_path, first, args, mid_reload, subreaper)
-    config = LoadConfig(
-        host="127.0.0.1",
-        port=port,
-        mode=Mode.CLOSE,
-        concurrency=8,
-        duration=4.0,
-        processes=1,
-        reload_every=1.0,
-        reloads=1,
-        timeout=5.0,
-    )
+    config = close_mode_load(port)
     try:
         result = run_load(config, killer)
         second = killer.second

@@ -97,6 +97,9 @@ def serving_generation(control: Path, env: dict[str, str], generation: int) -> b
     return bool(json.loads(out or "{}").get("active_generation") == generation)
 
 
+# Two releases, each a venv with pip installs per host, and three plays: 108 s
+# on the 2-core VM at load average ~10, near the suite's 120 s default.
+@pytest.mark.timeout(400)
 def test_rollout_is_gated_on_nodrop_reload(
     procs: Procs, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

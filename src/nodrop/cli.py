@@ -52,7 +52,7 @@ keeps serving.
 EPILOG = """\
 examples:
   nodrop demo                                   see a zero-drop reload under load
-  nodrop run --listen tcp://0.0.0.0:8000 -- uvicorn app:app --fd 3
+  nodrop run --listen tcp://0.0.0.0:8000 -- python -m nodrop.adapters.uvicorn app:app
   nodrop reload                                 new generation, or rollback (exit 1)
   nodrop status --json
   nodrop doctor                                 what this kernel can migrate

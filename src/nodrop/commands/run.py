@@ -27,7 +27,9 @@ themselves.
 
 EPILOG = """\
 examples:
-  nodrop run --listen tcp://0.0.0.0:8000 -- uvicorn app:app --fd 3
+  nodrop run --listen tcp://0.0.0.0:8000 -- python -m nodrop.adapters.uvicorn app:app
+  nodrop run --listen tcp://0.0.0.0:8000 -- \
+      gunicorn -c python:nodrop.adapters.gunicorn -k uvicorn_worker.UvicornWorker app:app
   nodrop run --listen 'tcp://[::]:8000?name=web' --workers 4 -- ./server
   nodrop run --listen tcp://127.0.0.1:8000 --ready delay:2 -- python -m http.server --help
   nodrop run --config /etc/myapp/nodrop.toml
