@@ -88,13 +88,15 @@ def test_park_gap_claim_under_load(procs: Procs, tmp_path: Path) -> None:
 
 def test_park_and_ttl_expiry_releases_everything(procs: Procs, tmp_path: Path) -> None:
     holder = start_holder(procs, tmp_path)
+    # At most this many: the holder may still be closing the socket it sent
+    # READY=1 on when it is counted.
     baseline = holder.fd_count()
     old, first = start_server(procs, holder, "tcp://127.0.0.1:0?name=web", ttl=0.5)
     park(old)
     assert [h.inode for h in client.list_parked(holder.path)] == [first["inode"]]
     # The holder closes the sockets, then logs it: wait for both.
     wait_for(
-        lambda: holder.fd_count() == baseline and "expired, closed 1" in holder.log_text(),
+        lambda: holder.fd_count() <= baseline and "expired, closed 1" in holder.log_text(),
         what="held fds released at expiry, and the log line saying so",
     )
     import socket

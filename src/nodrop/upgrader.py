@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import enum
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -54,6 +55,10 @@ DEFAULT_UPGRADE_TIMEOUT = 30.0
 """Seconds a new generation has to take its sockets and call ready()."""
 DEFAULT_ACK_TIMEOUT = 10.0
 """Seconds ready() waits for the old generation to acknowledge."""
+
+log = logging.getLogger(__name__)
+"""Where a listener bound afresh instead of claimed is reported (a warning:
+with logging unconfigured, one line on stderr)."""
 
 
 class State(enum.Enum):
@@ -161,12 +166,21 @@ class Upgrader:
         targets = resolve_all(self.specs) if self.specs else []
         raw = self.environ.pop(ENV_FD, None)
         held: list[HeldSocket] = []
+        from_holder = False
         if raw is not None:
             held = self._from_predecessor(raw)
         elif self.holder is not None and targets:
             held = holder_client.claim_matching(self.holder, targets)
+            from_holder = True
         if not held:
             held = [HeldSocket.adopt(s.socket, s.name) for s in listen_fds(environ=self.environ)]
+        if from_holder:
+            assert self.holder is not None
+            # The holder's TTL is a hard deadline: a successor that claims too
+            # late gets a new socket, and the clients queued on the parked one
+            # were reset. Say so, or it looks like a clean handover.
+            for target in holder_client.unclaimed(targets, held):
+                log.warning(holder_client.fresh_bind_note(target, self.holder))
         current = acquire(targets, held) if targets else held
         self._sockets = current
         self._keys = _keys(current, targets)

@@ -29,7 +29,9 @@ def register(subparsers: Any) -> None:
             "With --listen, the held sockets whose kernel identity matches a spec "
             "are claimed and any missing listener is bound; held sockets nobody "
             "wants stay in the holder until their TTL ends. With --names, those "
-            "names are claimed; with neither, everything held."
+            "names are claimed (a name not held: nothing is claimed, COMMAND is not "
+            "run, exit 2); with neither, everything held. The sockets are claimed "
+            "before COMMAND runs: its start-up does not count against the holder's TTL."
         ),
     )
     parser.add_argument("--from-holder", required=True, metavar="PATH", help="the holder")
@@ -46,8 +48,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nodrop.errors import ConfigError
-    from nodrop.holder.client import claim, claim_listeners
+    from nodrop.holder.client import claim_matching, fresh_bind_note, unclaimed
     from nodrop.listeners.bind import resolve_all
+    from nodrop.listeners.reconcile import acquire
     from nodrop.listeners.spec import parse_spec
 
     command = list(args.command)
@@ -63,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"command not found: {command[0]}")
     if args.listen:
         targets = resolve_all([parse_spec(text) for text in args.listen])
-        held = claim_listeners(args.from_holder, targets, timeout=args.timeout)
+        claimed = claim_matching(args.from_holder, targets, timeout=args.timeout)
+        for target in unclaimed(targets, claimed):
+            print(f"nodrop exec: {fresh_bind_note(target, args.from_holder)}", file=sys.stderr)
+        held = acquire(targets, claimed)
     else:
         names = [n for n in args.names.split(",") if n] if args.names else None
-        result = claim(args.from_holder, names=names, timeout=args.timeout)
-        if result.missing:
-            print(f"nodrop exec: not held: {', '.join(result.missing)}", file=sys.stderr)
-        held = result.sockets
+        held = _claim_names(args.from_holder, names, args.timeout)
     names_out = [h.name for h in held]
     env = dict(os.environ)
     env.update(activation_env(names_out))
@@ -82,6 +85,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"nodrop exec: cannot exec {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127
     return 0  # pragma: no cover - execvpe does not return
+
+
+def _claim_names(path: str, names: list[str] | None, timeout: float) -> list[Any]:
+    """Claim ``names`` (None: everything held), all or nothing.
+
+    A name the holder no longer holds (its TTL ran out, or it was never
+    parked) refuses the whole exec: the command would otherwise start without
+    the socket it expects, and nothing would listen where clients connect.
+    The names are looked up first so that a refusal claims nothing; one that
+    expires between the look-up and the claim is caught after it, and what
+    was claimed goes back.
+
+    Raises:
+        HolderError: no holder, it refused, or a name is not held.
+    """
+    from nodrop.holder.client import claim, list_parked
+
+    if names:
+        present = {p.name for p in list_parked(path, timeout=timeout)}
+        _refuse_missing([n for n in names if n not in present])
+    result = claim(path, names=names, timeout=timeout)
+    if result.missing:
+        _give_back(path, result.sockets)
+        result.close()
+        _refuse_missing(result.missing)
+    return result.sockets
+
+
+def _refuse_missing(missing: list[str]) -> None:
+    from nodrop.errors import HolderError
+
+    if missing:
+        raise HolderError(
+            f"not held: {', '.join(missing)} (its TTL ran out or it was never parked); "
+            "command not run"
+        )
 
 
 def _into_place(fds: list[int]) -> None:

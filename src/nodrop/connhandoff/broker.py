@@ -47,6 +47,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Literal, Protocol
 
+# Imported here, not in _on_accept: at the fd limit an import cannot open its file.
+from nodrop.accept_backoff import loop_accepted, loop_pause, out_of_resources
 from nodrop.connhandoff.loopio import Lingering, LoopIO
 from nodrop.connhandoff.receivers import Receiver, Receivers
 from nodrop.connhandoff.wire import (
@@ -270,8 +272,14 @@ class ConnectionBroker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._log(f"accept failed: {exc}")
+                if out_of_resources(exc):
+                    # Still queued, the listener still readable: pause the
+                    # watch (accept_backoff), or the loop spins.
+                    loop_pause(self._listener, self._on_accept, self._log, "accept").failed(exc)
+                else:
+                    self._log(f"accept failed: {exc}")
                 return
+            loop_accepted(self._listener)
             channel = Channel(conn, timeout=0.0)
             if len(self._channels) >= MAX_PEERS:
                 channel.reply_error(f"too many peers (limit {MAX_PEERS})")

@@ -35,6 +35,7 @@ from nodrop.listeners.bind import BindTarget
 from nodrop.listeners.held import HeldSocket
 from nodrop.listeners.identity import SocketIdentity, identify
 from nodrop.listeners.reconcile import acquire
+from nodrop.listeners.spec import format_spec
 from nodrop.systemd.receiver import NotifyReceiver
 
 SPAWN_TIMEOUT = 10.0
@@ -421,3 +422,26 @@ def claim_listeners(
     """
     claimed = claim_matching(path, targets, timeout=timeout) if path is not None else []
     return acquire(targets, claimed)
+
+
+def unclaimed(targets: Sequence[BindTarget], claimed: Sequence[HeldSocket]) -> list[BindTarget]:
+    """The targets that none of ``claimed`` matches and that a holder could have
+    held (a port-0 target never comes from one): each will be bound afresh.
+
+    A parked socket the successor does not get is a new kernel socket, not the
+    one clients were queued on: its TTL ran out before the claim, the holder
+    is gone, or it was never parked.
+    """
+    keys = {held.identity.key for held in claimed}
+    return [t for t in targets if not t.wildcard_port and t.key not in keys]
+
+
+def fresh_bind_note(target: BindTarget, path: str) -> str:
+    """One line saying ``target`` is bound afresh because the holder at
+    ``path`` did not hold it (for a log, or stderr)."""
+    what = target.spec.text or format_spec(target.spec)
+    return (
+        f"bound {what} fresh: the holder at {path} did not hold it (its TTL ran out "
+        "before this claim, the holder is gone, or it was never parked); a TTL longer "
+        "than the time to claim keeps the same socket"
+    )

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nodrop.accept_backoff import AcceptBackoff, out_of_resources
 from nodrop.errors import HolderError, NodropError, PeerDeniedError, ProtocolError
 from nodrop.fdwire import (
     MAX_MESSAGE,
@@ -80,6 +81,9 @@ class Holder:
         self._fdstore: NotifyReceiver | None = None
         self._selector = selectors.DefaultSelector()
         self._fdstore_garbage = WindowedLog(log, "bad fdstore datagrams")
+        self.accept_backoff = AcceptBackoff(log, "nodrop hold: accept")
+        """Out of fds: the listener is not watched until ``_accept_resume``."""
+        self._accept_resume: float | None = None
         self._stopping = False
         self._started = clock()
         # stop() may run in a signal handler: a byte on this pipe wakes the
@@ -176,7 +180,9 @@ class Holder:
                     self._flush(peer)
                 if mask & selectors.EVENT_READ and key.fd in self.peers:
                     self._peer_readable(peer)
-        self._expire(self.clock())
+        now = self.clock()
+        self._expire(now)
+        self._resume_accepting(now)
 
     def _should_exit_empty(self, now: float) -> bool:
         if not self.config.exit_when_empty or self.store or self.peers:
@@ -189,6 +195,8 @@ class Holder:
         times.extend(p.deadline for p in self.peers.values())
         if until is not None:
             times.append(until)
+        if self._accept_resume is not None:
+            times.append(self._accept_resume)
         if self.config.exit_when_empty and not self.store.ever_held:
             times.append(self._started + EMPTY_GRACE)
         return max(0.0, min(times) - now)
@@ -201,9 +209,15 @@ class Holder:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving
-                self.log(f"nodrop hold: accept failed: {exc.strerror or exc}")
+            except OSError as exc:
+                if out_of_resources(exc):
+                    # The connection stays queued and the listener readable:
+                    # stop watching it for a while, or the loop spins.
+                    self._pause_accepting(self.accept_backoff.failed(exc, self.clock()))
+                else:  # ECONNABORTED and friends: that client gave up
+                    self.log(f"nodrop hold: accept failed: {exc.strerror or exc}")
                 return
+            self.accept_backoff.accepted(self.clock())
             conn.setblocking(False)
             try:
                 creds = check_peer(conn, self.config.allowed_uids)
@@ -217,6 +231,19 @@ class Holder:
             peer = Peer(conn, creds, self.clock() + self.config.first_message_timeout)
             self.peers[conn.fileno()] = peer
             self._selector.register(conn, selectors.EVENT_READ, "peer")
+
+    def _pause_accepting(self, seconds: float) -> None:
+        assert self._listener is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self._listener)
+        self._accept_resume = self.clock() + seconds
+
+    def _resume_accepting(self, now: float) -> None:
+        if self._accept_resume is None or now < self._accept_resume:
+            return
+        self._accept_resume = None
+        if self._listener is not None:
+            self._selector.register(self._listener, selectors.EVENT_READ, "listener")
 
     def _evict_silent(self) -> bool:
         """Drop the oldest connection that has not sent a message yet (dicts keep

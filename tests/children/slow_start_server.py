@@ -1,0 +1,48 @@
+"""A server whose start-up is slow, for `nodrop exec --from-holder`.
+
+usage: slow_start_server.py SECONDS
+
+Takes its one listener from LISTEN_FDS, prints {"event": "started", ...} at
+once (it holds the socket from here), stays busy SECONDS without accepting
+(slow imports, cache warming), prints {"event": "ready", ...} with the
+socket's inode, then serves "ping\\n" -> "<pid>\\n" until stdin closes.
+"""
+
+import json
+import os
+import selectors
+import sys
+import time
+
+import nodrop
+
+start_up = float(sys.argv[1])
+(activated,) = nodrop.listen_fds()
+listener = activated.socket
+info = {"pid": os.getpid(), "inode": os.fstat(listener.fileno()).st_ino}
+print(json.dumps({"event": "started", **info}), flush=True)
+time.sleep(start_up)  # the slow start-up under test
+print(json.dumps({"event": "ready", **info}), flush=True)
+listener.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(listener, selectors.EVENT_READ, "accept")
+sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+reply = f"{os.getpid()}\n".encode()
+while True:
+    for key, _ in sel.select(30):
+        if key.data == "stdin":
+            sys.exit(0)
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            continue
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            if data:
+                conn.sendall(reply)
