@@ -25,6 +25,7 @@ from conftest import CHILDREN, Procs
 from nodrop.accept_backoff import FIRST_PAUSE, MAX_PAUSE, AcceptBackoff, out_of_resources
 from nodrop.holder import client
 from nodrop.testing.waiting import wait_for
+from supervisor_harness import Start
 from test_holder import start_holder
 
 WINDOW = 1.0
@@ -164,3 +165,37 @@ def test_the_broker_at_its_fd_limit_pauses_accepting(procs: Procs, tmp_path: Pat
     assert proc.stdin is not None
     proc.stdin.close()
     assert proc.wait(10) == 0
+
+
+def test_a_uvicorn_worker_at_its_fd_limit_pauses_accepting(supervise: Start) -> None:
+    """nodrop's own accept loop (``adapters/accept.py``, every ASGI adapter)
+    under ``nodrop run``: at the limit it pauses, then serves the clients
+    that waited in the queue."""
+    pytest.importorskip("uvicorn")
+    servers = str(CHILDREN / "servers")
+    sup = supervise(
+        "--listen", "tcp://127.0.0.1:0", "--workers", "1", "--no-handoff",
+        command=[sys.executable, "-m", "nodrop.adapters.uvicorn", "stack_starlette:app",
+                 "--loop", "asyncio", "--http", "h11", "--log-level", "warning"],
+        env={"PYTHONPATH": os.pathsep.join([servers, *sys.path]), "STARTUP_SECONDS": "0"},
+    )  # fmt: skip
+    [worker] = sup.status()["generations"][-1]["workers"]
+    pid = int(worker["pid"])
+    port = sup.port()
+    old = at_limit(pid)
+    waiting = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(WAITING)]
+    try:
+        # The clients are queued: a loop that spins does so from now on.
+        cpu = cpu_over(pid, WINDOW)
+        assert cpu < MAX_CPU, f"the worker spun: {cpu:.2f}s of CPU in {WINDOW:g}s"
+        wait_for(lambda: "Too many open files" in sup.log(), what="the first EMFILE")
+        assert sup.log().count("Too many open files") == 1, sup.log()[-2000:]
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+        for conn in waiting:
+            conn.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200"), "a queued client was not served"
+        wait_for(lambda: "accepting again" in sup.log(), timeout=10, what="recovery")
+    finally:
+        for conn in waiting:
+            conn.close()
+    assert sup.stop() == 0

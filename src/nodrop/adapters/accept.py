@@ -25,7 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
+
+from nodrop.accept_backoff import loop_accepted, loop_pause, out_of_resources
 
 Connect = Callable[[socket.socket, bytes], Awaitable[object]]
 """Set up one accepted connection: ``connect(sock, prefix)``, where ``prefix``
@@ -95,8 +98,19 @@ class Acceptor:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # ECONNABORTED, EMFILE, ...: the queue keeps the rest
+            except OSError as exc:
+                if out_of_resources(exc):
+                    # EMFILE: the connection stays queued and the listener
+                    # readable; watching it now would spin. Pause, then retry.
+                    loop_pause(
+                        listener,
+                        lambda: self._readable(listener),
+                        _log,
+                        "nodrop: accept",
+                        wanted=lambda: self._accepting,
+                    ).failed(exc)
+                return  # ECONNABORTED, ...: the queue keeps the rest
+            loop_accepted(listener)
             self.accepted += 1
             self._spawn(conn, b"")
 
@@ -115,3 +129,7 @@ class Acceptor:
             asyncio.get_running_loop().call_exception_handler(
                 {"message": "setting up an accepted connection failed", "exception": exc}
             )
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

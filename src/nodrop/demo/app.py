@@ -36,6 +36,7 @@ import socket
 import sys
 
 import nodrop
+from nodrop.accept_backoff import loop_accepted, loop_pause, out_of_resources
 from nodrop.connhandoff import AsyncHandoff, Detached, read_or_detach
 
 IDLE_TIMEOUT = 15.0
@@ -77,8 +78,17 @@ class App:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as exc:
+                if out_of_resources(exc):  # EMFILE: pause, or the loop would spin
+                    loop_pause(
+                        sock,
+                        lambda: self._accept(sock),
+                        lambda line: print(line, file=sys.stderr, flush=True),
+                        "demo: accept",
+                        wanted=lambda: not self.draining.is_set(),
+                    ).failed(exc)
                 return  # ECONNABORTED and friends: the client gave up
+            loop_accepted(sock)
             self.start(conn, fresh=True)
 
     def adopt(self, conn: socket.socket, state: bytes) -> None:
