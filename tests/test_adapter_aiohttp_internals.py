@@ -24,17 +24,8 @@ from nodrop.adapters.aiohttp_internals import (  # noqa: E402
     check_internals,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def uvloop_warmed_up() -> None:
-    """uvloop opens a pipe, once per process, with its first loop: open it
-    before the fd-leak check looks."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(asyncio.sleep(0))
+# uvloop's once-a-process pipe is open before the fd-leak check looks.
+pytestmark = pytest.mark.usefixtures("uvloop_warmed_up")
 
 
 def test_the_installed_aiohttp_is_the_one_the_module_was_written_for() -> None:
@@ -42,7 +33,8 @@ def test_the_installed_aiohttp_is_the_one_the_module_was_written_for() -> None:
     assert problems == [], (
         f"nodrop.adapters.aiohttp_internals relies on aiohttp {TESTED_VERSIONS}: "
         f"{problems}. Re-read aiohttp's web_protocol.RequestHandler, adapt the module, "
-        "re-run tests/test_adapter_aiohttp*.py, then update TESTED_VERSIONS."
+        "re-run tests/test_adapter_aiohttp*.py and tests/test_adapter_handoff.py -k aiohttp, "
+        "then update TESTED_VERSIONS."
     )
 
 

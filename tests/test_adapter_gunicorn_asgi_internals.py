@@ -23,6 +23,6 @@ def test_the_installed_gunicorn_is_the_one_the_module_was_written_for() -> None:
     assert problems == [], (
         f"nodrop.adapters.gunicorn_asgi_internals relies on gunicorn {TESTED_VERSIONS}: "
         f"{problems}. Re-read gunicorn/workers/gasgi.py and gunicorn/asgi/protocol.py, "
-        "adapt the module, re-run the fastapi/gunicorn-asgi cells of tests/test_stacks.py, "
-        "then update TESTED_VERSIONS."
+        "adapt the module, re-run the fastapi/gunicorn-asgi cells of tests/test_stacks.py "
+        "and tests/test_adapter_handoff.py -k gunicorn-asgi, then update TESTED_VERSIONS."
     )

@@ -26,17 +26,8 @@ from nodrop.adapters.uvicorn_internals import (  # noqa: E402
 from nodrop.connhandoff import AsyncHandoff  # noqa: E402
 from nodrop.connhandoff.client import GiveResult  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def uvloop_warmed_up() -> None:
-    """uvloop opens a pipe, once per process, with its first loop: open it
-    before the fd-leak check looks."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(asyncio.sleep(0))
+# uvloop's once-a-process pipe is open before the fd-leak check looks.
+pytestmark = pytest.mark.usefixtures("uvloop_warmed_up")
 
 
 def test_the_installed_uvicorn_is_the_one_the_module_was_written_for() -> None:
@@ -44,8 +35,8 @@ def test_the_installed_uvicorn_is_the_one_the_module_was_written_for() -> None:
     assert problems == [], (
         f"nodrop.adapters.uvicorn_internals relies on uvicorn {TESTED_VERSIONS}: "
         f"{problems}. Re-read uvicorn's server.py and protocols/http/*_impl.py, adapt "
-        "the module, re-run tests/test_adapter_uvicorn*.py and the uvicorn cells of "
-        "tests/test_stacks.py, then update TESTED_VERSIONS."
+        "the module, re-run tests/test_adapter_uvicorn*.py, tests/test_adapter_handoff.py -k "
+        "uvicorn and the uvicorn cells of tests/test_stacks.py, then update TESTED_VERSIONS."
     )
 
 
@@ -57,7 +48,7 @@ def test_the_installed_uvicorn_workers_have_what_the_gunicorn_runner_uses() -> N
     assert problems == [], (
         f"nodrop.adapters.gunicorn_uvicorn_internals relies on these: {problems}. Re-read "
         "uvicorn_worker's and uvicorn.workers' UvicornWorker, adapt the module, re-run the "
-        "gunicorn cells of tests/test_stacks.py."
+        "gunicorn cells of tests/test_stacks.py and tests/test_adapter_handoff.py."
     )
 
 
