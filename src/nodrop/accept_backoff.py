@@ -17,7 +17,9 @@ an asyncio ``add_reader`` callback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import selectors
 import socket
 import weakref
 from collections.abc import Callable
@@ -127,6 +129,40 @@ class LoopAcceptPause:
         if sock is None or sock.fileno() < 0 or self._loop.is_closed() or not self._wanted():
             return  # closed or stopped meanwhile: its owner stopped watching it for good
         self._loop.add_reader(sock.fileno(), self._on_readable)
+
+
+class SelectorAcceptPause:
+    """An :class:`AcceptBackoff` for a ``selectors`` loop (the holder's):
+    :meth:`failed` unregisters the listener, :meth:`resume` registers it
+    again (with ``data``) once :attr:`resume_at` has come; the loop includes
+    :attr:`resume_at` in its select timeout."""
+
+    def __init__(
+        self, selector: selectors.BaseSelector, log: Callable[[str], None], what: str, data: str
+    ) -> None:
+        self._selector = selector
+        self._data = data
+        self._sock: socket.socket | None = None
+        self.backoff = AcceptBackoff(log, what)
+        self.resume_at: float | None = None
+        """When the listener is watched again; None while it is watched."""
+
+    def failed(self, sock: socket.socket, exc: OSError, now: float) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+        self._sock = sock
+        self.resume_at = now + self.backoff.failed(exc, now)
+
+    def accepted(self, now: float) -> None:
+        self.backoff.accepted(now)
+
+    def resume(self, now: float) -> None:
+        if self.resume_at is None or now < self.resume_at:
+            return
+        self.resume_at = None
+        sock, self._sock = self._sock, None
+        if sock is not None and sock.fileno() >= 0:  # not closed meanwhile
+            self._selector.register(sock, selectors.EVENT_READ, self._data)
 
 
 _PAUSES: weakref.WeakKeyDictionary[socket.socket, LoopAcceptPause] = weakref.WeakKeyDictionary()

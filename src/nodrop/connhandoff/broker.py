@@ -1,37 +1,26 @@
 """The connection broker: moves idle connections from old workers to new ones.
 
 A companion of the supervisor, on its event loop (see ``Broker`` in
-:mod:`nodrop.supervisor.supervisor`). It listens on a ``SOCK_SEQPACKET``
+:mod:`nodrop.supervisor.companion`). It listens on a ``SOCK_SEQPACKET``
 socket in a private directory (0700, socket 0600) and speaks the handoff
-protocol (:mod:`nodrop.fdwire`). Every peer is checked with ``SO_PEERCRED``
-and must be a worker of this supervisor.
+protocol (:mod:`nodrop.fdwire`); every peer must be a worker of this
+supervisor (``SO_PEERCRED``).
 
 * A worker that wants connections *registers* (``{"op":"register","room":N}``)
   and keeps that channel open; the broker pushes batches down it.
-* A draining worker *gives* batches of idle connections (one ``fds`` transfer
-  each, ``meta.states`` the opaque per-connection states). The broker spreads
-  each batch over the registered workers of the active generation (even
-  shares, rotating start, capped by the room each announced), waits for their
-  ``ok`` and answers the giver with a verdict: how many were placed, how many
-  it closed, and which it returns untouched.
+* A draining worker *gives* batches of idle connections (``meta.states``:
+  opaque per-connection states). The broker spreads each over the registered
+  workers of the active generation (even shares, rotating start, capped by
+  their room), waits for their ``ok`` and answers with a verdict: placed,
+  closed, and the indices it returns untouched.
 
-Nothing is lost silently:
-
-* no receiver, or no room: the connections are *returned* — nobody else read
-  them, the giver still owns them and closes them between requests as any
-  graceful drain would;
-* a receiver that refuses (``error``) has not read them either: they go to
-  another receiver or back to the giver;
-* a receiver that dies or stalls after they were sent may have read from
-  them, so they cannot be given back: the broker closes them gracefully —
-  ``shutdown(SHUT_WR)`` (a FIN the client sees as an ordinary keep-alive
-  close), then reads and discards until the client's FIN or ``linger``
-  seconds, so unread bytes do not turn the close into a reset — and counts
-  them.
-
+Nothing is lost silently: with no receiver or no room, or a receiver that
+refuses, the connections are *returned* unread (another receiver, or the
+giver, who closes them between requests); a receiver that dies or stalls
+after they were sent may have read them, so the broker closes them
+gracefully (:class:`~nodrop.connhandoff.loopio.Lingering`) and counts them.
 Back-pressure: one batch in flight per receiver, at most
-``MAX_CONCURRENT_BATCHES`` batches (of at most 253 connections) held by the
-broker at once; a giver waits for the verdict of each batch before the next.
+``MAX_CONCURRENT_BATCHES`` batches (of at most 253) held at once.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nodrop.accept_backoff import AcceptBackoff, out_of_resources
+from nodrop.accept_backoff import SelectorAcceptPause, out_of_resources
 from nodrop.errors import HolderError, NodropError, PeerDeniedError, ProtocolError
 from nodrop.fdwire import (
     MAX_MESSAGE,
@@ -39,7 +39,7 @@ from nodrop.fdwire import (
 )
 from nodrop.holder import ops
 from nodrop.holder.config import EMPTY_GRACE, HolderConfig, Log
-from nodrop.holder.fdstore import store_datagram
+from nodrop.holder.fdstore import receive_datagrams
 from nodrop.holder.peer import Peer, PeerState
 from nodrop.holder.store import ParkedStore, summary
 from nodrop.kernel.fdpass import (
@@ -81,9 +81,9 @@ class Holder:
         self._fdstore: NotifyReceiver | None = None
         self._selector = selectors.DefaultSelector()
         self._fdstore_garbage = WindowedLog(log, "bad fdstore datagrams")
-        self.accept_backoff = AcceptBackoff(log, "nodrop hold: accept")
-        """Out of fds: the listener is not watched until ``_accept_resume``."""
-        self._accept_resume: float | None = None
+        self.accept_pause = SelectorAcceptPause(
+            self._selector, log, "nodrop hold: accept", "listener"
+        )
         self._stopping = False
         self._started = clock()
         # stop() may run in a signal handler: a byte on this pipe wakes the
@@ -167,8 +167,9 @@ class Holder:
         for key, mask in events:
             if key.data == "listener":
                 self._accept()
-            elif key.data == "fdstore":
-                self._fdstore_receive()
+            elif key.data == "fdstore" and self._fdstore is not None:
+                args = (self.store, self.config, self.clock, self.log, self._fdstore_garbage)
+                receive_datagrams(self._fdstore, *args)
             elif key.data == "wake":
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 64)
@@ -182,7 +183,7 @@ class Holder:
                     self._peer_readable(peer)
         now = self.clock()
         self._expire(now)
-        self._resume_accepting(now)
+        self.accept_pause.resume(now)
 
     def _should_exit_empty(self, now: float) -> bool:
         if not self.config.exit_when_empty or self.store or self.peers:
@@ -195,8 +196,8 @@ class Holder:
         times.extend(p.deadline for p in self.peers.values())
         if until is not None:
             times.append(until)
-        if self._accept_resume is not None:
-            times.append(self._accept_resume)
+        if self.accept_pause.resume_at is not None:
+            times.append(self.accept_pause.resume_at)
         if self.config.exit_when_empty and not self.store.ever_held:
             times.append(self._started + EMPTY_GRACE)
         return max(0.0, min(times) - now)
@@ -213,11 +214,11 @@ class Holder:
                 if out_of_resources(exc):
                     # The connection stays queued and the listener readable:
                     # stop watching it for a while, or the loop spins.
-                    self._pause_accepting(self.accept_backoff.failed(exc, self.clock()))
+                    self.accept_pause.failed(self._listener, exc, self.clock())
                 else:  # ECONNABORTED and friends: that client gave up
                     self.log(f"nodrop hold: accept failed: {exc.strerror or exc}")
                 return
-            self.accept_backoff.accepted(self.clock())
+            self.accept_pause.accepted(self.clock())
             conn.setblocking(False)
             try:
                 creds = check_peer(conn, self.config.allowed_uids)
@@ -231,19 +232,6 @@ class Holder:
             peer = Peer(conn, creds, self.clock() + self.config.first_message_timeout)
             self.peers[conn.fileno()] = peer
             self._selector.register(conn, selectors.EVENT_READ, "peer")
-
-    def _pause_accepting(self, seconds: float) -> None:
-        assert self._listener is not None
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(self._listener)
-        self._accept_resume = self.clock() + seconds
-
-    def _resume_accepting(self, now: float) -> None:
-        if self._accept_resume is None or now < self._accept_resume:
-            return
-        self._accept_resume = None
-        if self._listener is not None:
-            self._selector.register(self._listener, selectors.EVENT_READ, "listener")
 
     def _evict_silent(self) -> bool:
         """Drop the oldest connection that has not sent a message yet (dicts keep
@@ -448,29 +436,6 @@ class Holder:
                     self._drop(peer)
                 else:
                     self._drop(peer, f"timed out during {peer.state.value}")
-
-    # -- systemd fd store -------------------------------------------------------
-    def _fdstore_receive(self) -> None:
-        assert self._fdstore is not None
-        for _ in range(64):  # bounded per turn
-            try:
-                note = self._fdstore.receive()
-            except ProtocolError as exc:
-                self._fdstore_garbage.report(f"nodrop hold: fdstore: {exc}", self.clock())
-                continue
-            except OSError as exc:
-                self.log(f"nodrop hold: fdstore: {exc.strerror or exc}")
-                return
-            if note is None:
-                return
-            try:
-                store_datagram(self.store, self.config, self.clock(), self.log, note)
-            except NodropError as exc:
-                self._fdstore_garbage.report(
-                    f"nodrop hold: fdstore: pid {note.pid}: {exc}", self.clock()
-                )
-            finally:
-                note.close_fds()
 
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
-from nodrop.errors import PeerDeniedError, ProtocolError
+from nodrop.errors import NodropError, PeerDeniedError, ProtocolError
 from nodrop.holder import ops
 from nodrop.holder.config import HolderConfig, Log
 from nodrop.holder.store import ParkedStore
 from nodrop.kernel.fdpass import Credentials
-from nodrop.systemd.receiver import Notification
+from nodrop.lograte import WindowedLog
+from nodrop.systemd.receiver import Notification, NotifyReceiver
 
 
 def store_datagram(
@@ -51,3 +53,33 @@ def store_datagram(
     log(
         f"nodrop hold: fdstore: pid {pid} stored {len(ids)} socket(s) as {request.name!r} for {ttl:g}s"
     )
+
+
+def receive_datagrams(
+    receiver: NotifyReceiver,
+    store: ParkedStore,
+    config: HolderConfig,
+    clock: Callable[[], float],
+    log: Log,
+    garbage: WindowedLog,
+) -> None:
+    """Act on the fd-store datagrams waiting on ``receiver`` (at most 64 a
+    turn); malformed or refused ones are logged through ``garbage``, rate
+    limited, and their fds closed."""
+    for _ in range(64):  # bounded per turn
+        try:
+            note = receiver.receive()
+        except ProtocolError as exc:
+            garbage.report(f"nodrop hold: fdstore: {exc}", clock())
+            continue
+        except OSError as exc:
+            log(f"nodrop hold: fdstore: {exc.strerror or exc}")
+            return
+        if note is None:
+            return
+        try:
+            store_datagram(store, config, clock(), log, note)
+        except NodropError as exc:
+            garbage.report(f"nodrop hold: fdstore: pid {note.pid}: {exc}", clock())
+        finally:
+            note.close_fds()
