@@ -14,6 +14,8 @@ import os
 import selectors
 import sys
 
+from pid_reply import answer_one
+
 from nodrop.upgrader import Upgrader
 
 holder, spec = sys.argv[1], sys.argv[2]
@@ -37,24 +39,10 @@ print(
 sel = selectors.DefaultSelector()
 sel.register(listener, selectors.EVENT_READ, "accept")
 sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
-reply = f"{os.getpid()}\n".encode()
 while True:
     for key, _ in sel.select(30):
         if key.data == "accept":
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(256)
-                    if not chunk:
-                        break
-                    data += chunk
-                if data:
-                    conn.sendall(reply)
+            answer_one(listener)
         else:
             line = sys.stdin.readline().strip()
             if line == "park" or not line:

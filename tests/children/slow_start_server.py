@@ -14,6 +14,8 @@ import selectors
 import sys
 import time
 
+from pid_reply import answer_one
+
 import nodrop
 
 start_up = float(sys.argv[1])
@@ -27,22 +29,8 @@ listener.setblocking(False)
 sel = selectors.DefaultSelector()
 sel.register(listener, selectors.EVENT_READ, "accept")
 sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
-reply = f"{os.getpid()}\n".encode()
 while True:
     for key, _ in sel.select(30):
         if key.data == "stdin":
             sys.exit(0)
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            continue
-        with conn:
-            conn.settimeout(5)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(256)
-                if not chunk:
-                    break
-                data += chunk
-            if data:
-                conn.sendall(reply)
+        answer_one(listener)

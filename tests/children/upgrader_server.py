@@ -19,6 +19,8 @@ fail_file = os.environ.get("UPGRADER_FAIL_FILE")
 if fail_file and os.path.exists(fail_file):
     sys.exit(3)
 
+from pid_reply import answer_one  # noqa: E402
+
 from nodrop.upgrader import Upgrader  # noqa: E402
 
 up = Upgrader(listen=[sys.argv[1]])
@@ -50,26 +52,12 @@ emit(event="ready", pid=os.getpid(), generation=up.generation, port=listener.get
 sel = selectors.DefaultSelector()
 sel.register(listener, selectors.EVENT_READ, "accept")
 sel.register(wake_r, selectors.EVENT_READ, "wake")
-reply = f"{os.getpid()}\n".encode()
 while True:
     events = sel.select(30)
     if any(key.data == "wake" for key, _ in events):
         break
     for _key, _ in events:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            continue
-        with conn:
-            conn.settimeout(5)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(256)
-                if not chunk:
-                    break
-                data += chunk
-            if data:
-                conn.sendall(reply)
+        answer_one(listener)
 sel.close()
 up.close()  # our copies only: the new generation accepts on the same sockets
 sys.exit(0)
