@@ -112,6 +112,40 @@ def test_a_full_disk_for_the_logs_costs_log_lines_and_nothing_else(supervise: St
     assert sup.stop() == 0
 
 
+def test_a_reader_that_stops_reading_the_logs_costs_log_lines_and_nothing_else(
+    supervise: Start, tmp_path: Path
+) -> None:
+    """stdout and stderr of `nodrop run` on a pipe whose reader never reads
+    (a stalled log collector): once the pipe is full a blocking write would
+    freeze the supervisor's loop -- no reload, no worker output read, workers
+    blocked on their own pipes. Lines are dropped and counted instead: two
+    reloads under load, 0 failed requests, the lost lines in `status`."""
+    fifo = tmp_path / "stalled-log"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read
+    try:
+        sup = supervise(
+            "--listen", "tcp://127.0.0.1:0?backlog=4096", "--workers", "2",
+            "--ready-grace", "0.1",
+            command=[*SERVER, "--tick", "0.002"], output=str(fifo),
+        )  # fmt: skip
+        reloads = Reloads(sup)
+        result = run_load(close_mode_load(sup.port(), reloads=2), reloads)
+        failures = {k: v for k, v in result.outcomes.items() if k != Outcome.OK.label and v}
+        assert not failures, failures
+        assert result.ok > 100, "the load generator barely ran"
+        assert [a["ok"] for a in reloads.answers] == [True, True], reloads.answers
+        wait_for(lambda: settled(sup) == ["active"], 30, "the old generations to exit")
+        status = sup.status()
+        assert status["active_generation"] == 3
+        assert status["restarts_total"] == 0
+        assert status["log_lines_lost"] > 100
+        assert any("not reading" in w for w in status["warnings"]), status["warnings"]
+        assert sup.stop() == 0
+    finally:
+        os.close(reader)
+
+
 # -- RLIMIT_NOFILE reached while receiving fds ----------------------------------------------
 
 

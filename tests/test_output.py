@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodrop.supervisor.logsink import LogSink, gap_line
+from nodrop.supervisor.logsink import STALLED, LogSink, gap_line
 from nodrop.supervisor.output import TaggedStream
 
 
@@ -69,7 +69,8 @@ def test_output_that_works_again_says_first_how_many_lines_were_lost() -> None:
         while reader.read(1 << 20):
             pass
         assert sink.write(b"c\n")
-        expected = gap_line(2, "Resource temporarily unavailable", os.getpid()) + b"c\n"
+        # The sink saw that the pipe took nothing more before writing.
+        expected = gap_line(2, STALLED, os.getpid()) + b"c\n"
         assert reader.read(1 << 20) == expected
     assert (sink.lost, sink.lost_total) == (0, 2)
 
@@ -85,3 +86,25 @@ def test_a_worker_line_the_sink_drops_is_still_kept_for_the_rollback_message(
         os.close(w)
         stream.close()
     assert lines == ["rollback reason: bad config"]
+
+
+def test_a_blocking_pipe_whose_reader_stalled_drops_lines_instead_of_blocking() -> None:
+    """The supervisor's own stdout is a blocking pipe (a log collector that
+    stopped reading): the write must not wait for room, or the supervisor's
+    loop stops with it."""
+    r, w = os.pipe2(os.O_CLOEXEC)  # blocking, as stdout usually is
+    with open(r, "rb", buffering=0) as reader, open(w, "wb", buffering=0) as writer:
+        os.set_blocking(w, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # fill it without blocking ourselves
+                os.write(w, b"x" * 65536)
+        os.set_blocking(w, True)
+        sink = LogSink(writer)
+        assert not sink.write(b"one line\n")  # returns at once: dropped
+        assert (sink.lost, sink.error) == (1, STALLED)
+        os.set_blocking(r, False)
+        with contextlib.suppress(BlockingIOError):
+            while reader.read(1 << 20):
+                pass
+        assert sink.write(b"next\n")
+        assert reader.read(1 << 20) == gap_line(1, STALLED, os.getpid()) + b"next\n"

@@ -12,6 +12,14 @@ lost and why: a log that resumes shows its gap.
 Lines go straight to the file descriptor with ``os.write`` -- no buffer in
 user space that would keep a failed line and write it later, out of order,
 or fail again at interpreter exit.
+
+A reader that stops reading (a stalled log collector, a paused terminal)
+would make a plain write block once the pipe or socket is full, and with it
+the supervisor's whole loop: no reload, no worker output read, workers
+blocked on their own pipes. So each piece (at most ``PIPE_BUF`` bytes, which
+a writable pipe takes whole) is written only once ``poll`` says the output
+takes it; otherwise it is dropped like a failed write. The descriptor's own
+flags are left alone: it is often shared with the process that started us.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import select
 import sys
 from typing import IO, Any
 
@@ -78,8 +87,12 @@ class LogSink:
         view = memoryview(data)
         try:
             while view:
-                written = os.write(self._fd, view)
-                if written < len(view):
+                if not _takes_more(self._fd):
+                    self.error = STALLED
+                    self._torn = self._torn or len(view) < len(data)
+                    return False
+                written = os.write(self._fd, view[: select.PIPE_BUF])
+                if written < min(len(view), select.PIPE_BUF):
                     self._torn = True
                 view = view[written:]
         except OSError as exc:
@@ -87,6 +100,22 @@ class LogSink:
             self._torn = self._torn or len(view) < len(data)
             return False
         return True
+
+
+STALLED = "the output is full: its reader is not reading"
+
+
+def _takes_more(fd: int) -> bool:
+    """Whether a write of up to ``PIPE_BUF`` bytes to ``fd`` returns at once
+    (a file always; a pipe, socket or terminal with room). An error or hang-up
+    counts as yes: the write then fails with its own reason."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    events = poller.poll(0)
+    return bool(
+        events
+        and events[0][1] & (select.POLLOUT | select.POLLERR | select.POLLHUP | select.POLLNVAL)
+    )
 
 
 def _real_fd(stream: IO[Any]) -> int | None:
