@@ -23,6 +23,7 @@ target); ``NODROP_STACK_RELOADS=N`` changes that.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import resource
@@ -36,6 +37,7 @@ from typing import Any
 import pytest
 
 from conftest import HERE
+from nodrop.testing.waiting import wait_for
 from supervisor_harness import Start, Supervised
 
 SERVERS = HERE / "children" / "servers"
@@ -261,6 +263,20 @@ def test_keepalive_load_across_reloads_fails_and_reconnects_nothing(
     # One more reload, waited for, so that every generation that served the
     # load has exited and logged its counts while the supervisor still relays.
     assert sup.reload(wait="drained")["ok"]
+    served = [
+        f"[g{g}.w{w}] {server.summary}: connections: accepted "
+        for g in range(1, RELOADS + 2)
+        for w in range(1, server.workers + 1)
+    ]
+
+    def missing() -> list[str]:
+        lines = [line for line in sup.log().splitlines() if "connections:" in line]
+        return [p for p in served if not any(line.startswith(p) for line in lines)]
+
+    # The reply says the old generation exited; its last lines may still be
+    # on their way through the supervisor's relay.
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not missing(), 10, "every worker's last line")
     log = sup.log()
     assert sup.stop() == 0
     # wrk reconnects silently: count the connections the servers accepted.
@@ -270,13 +286,7 @@ def test_keepalive_load_across_reloads_fails_and_reconnects_nothing(
     # and logged its counts in the server's own words; the newest one,
     # stopped last, served no load.
     summaries = [line for line in log.splitlines() if "connections:" in line]
-    served = [
-        f"[g{g}.w{w}] {server.summary}: connections: accepted "
-        for g in range(1, RELOADS + 2)
-        for w in range(1, server.workers + 1)
-    ]
-    missing = [p for p in served if not any(line.startswith(p) for line in summaries)]
-    assert not missing, (missing, log[-3000:])
+    assert not missing(), (missing(), log[-3000:])
     accepted, _adopted, handed_over = connection_summary(log)
     assert accepted == 8 + 8 + 1, summaries
     assert handed_over > 0, summaries

@@ -169,3 +169,33 @@ def test_http2_connections_are_sent_a_goaway(
             time.sleep(0.05)
         assert after.http_version == "HTTP/2"
     assert sup.stop() == 0
+
+
+def test_a_connection_the_client_reset_does_not_hold_up_the_drain(
+    supervised: Callable[..., Supervised], tmp_path: Path
+) -> None:
+    """A kept-alive connection the client resets (wrk stopped with responses
+    unread does this) leaves hypercorn's connection task waiting for its
+    keep-alive timer, here 120 s: the reader holds the reset, never an EOF.
+    The drain must see that the peer is gone and let the worker exit."""
+    import socket
+    import struct
+
+    config = tmp_path / "hypercorn.toml"
+    config.write_text("keep_alive_timeout = 120\n")
+    sup = supervised(
+        "--listen", "tcp://127.0.0.1:0", "--workers", "1", "--drain-timeout", "30",
+        command=[*hypercorn_command("asyncio"), "--config", str(config)],
+        env={"STARTUP_SECONDS": "0"},
+    )  # fmt: skip
+    conn = socket.create_connection(("127.0.0.1", sup.port()), timeout=10)
+    conn.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # a reset, not a FIN
+    started = time.monotonic()
+    assert sup.reload(wait="drained")["ok"]
+    took = time.monotonic() - started
+    assert "drain timeout" not in sup.log(), sup.log()[-2000:]
+    assert took < 15, f"the old generation took {took:.1f}s to exit (drain timeout 30 s)"
+    assert sup.stop() == 0

@@ -157,10 +157,17 @@ class Connection(TCPServer):
         When the client closes an idle connection, hypercorn's connection task
         lingers until the keep-alive timer fires (``TCPServer.run`` leaves its
         task group only once the idle task ends); a drain would wait for it.
+        Gone: an EOF read, a reset (the reader then holds the error, and never
+        reaches EOF), or a transport already closing.
         """
         wrapper = getattr(self, "protocol", None)
         proto = getattr(wrapper, "protocol", None)
-        if self.reader.at_eof() and getattr(proto, "stream", None) is None:
+        gone = (
+            self.reader.at_eof()
+            or self.reader.exception() is not None
+            or self.writer.transport.is_closing()
+        )
+        if gone and getattr(proto, "stream", None) is None:
             task = asyncio.ensure_future(self.idle_task.stop())
             self.owner.background.add(task)
             task.add_done_callback(self.owner.background.discard)
