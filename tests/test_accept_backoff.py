@@ -10,6 +10,7 @@ comes from ``/proc/PID/stat``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -182,7 +183,8 @@ def test_a_uvicorn_worker_at_its_fd_limit_pauses_accepting(supervise: Start) -> 
     [worker] = sup.status()["generations"][-1]["workers"]
     pid = int(worker["pid"])
     port = sup.port()
-    old = at_limit(pid)
+    limits = at_limit(pid)
+    old: tuple[int, int] | None = limits
     waiting = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(WAITING)]
     try:
         # The clients are queued: a loop that spins does so from now on.
@@ -190,7 +192,8 @@ def test_a_uvicorn_worker_at_its_fd_limit_pauses_accepting(supervise: Start) -> 
         assert cpu < MAX_CPU, f"the worker spun: {cpu:.2f}s of CPU in {WINDOW:g}s"
         wait_for(lambda: "Too many open files" in sup.log(), what="the first EMFILE")
         assert sup.log().count("Too many open files") == 1, sup.log()[-2000:]
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        old = None
         for conn in waiting:
             conn.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert conn.recv(4096).startswith(b"HTTP/1.1 200"), "a queued client was not served"
@@ -198,4 +201,7 @@ def test_a_uvicorn_worker_at_its_fd_limit_pauses_accepting(supervise: Start) -> 
     finally:
         for conn in waiting:
             conn.close()
+        if old is not None:  # failed at the limit: give the worker its fds back to exit
+            with contextlib.suppress(ProcessLookupError):
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
     assert sup.stop() == 0
