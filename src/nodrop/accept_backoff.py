@@ -21,6 +21,7 @@ import contextlib
 import errno
 import selectors
 import socket
+import sys
 import weakref
 from collections.abc import Callable
 
@@ -31,6 +32,11 @@ MAX_PAUSE = 1.0
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 """What ``accept(2)`` says when the connection could not be taken but is
 still queued (the same set asyncio's own servers pause on)."""
+
+
+def to_stderr(line: str) -> None:
+    """The log of a server process's accept loop: one line on stderr."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def out_of_resources(exc: OSError) -> bool:

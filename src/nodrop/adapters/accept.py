@@ -25,10 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 
-from nodrop.accept_backoff import loop_accepted, loop_pause, out_of_resources
+from nodrop.accept_backoff import loop_accepted, loop_pause, out_of_resources, to_stderr
 
 Connect = Callable[[socket.socket, bytes], Awaitable[object]]
 """Set up one accepted connection: ``connect(sock, prefix)``, where ``prefix``
@@ -105,7 +104,7 @@ class Acceptor:
                     loop_pause(
                         listener,
                         lambda: self._readable(listener),
-                        _log,
+                        to_stderr,
                         "nodrop: accept",
                         wanted=lambda: self._accepting,
                     ).failed(exc)
@@ -129,7 +128,3 @@ class Acceptor:
             asyncio.get_running_loop().call_exception_handler(
                 {"message": "setting up an accepted connection failed", "exception": exc}
             )
-
-
-def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

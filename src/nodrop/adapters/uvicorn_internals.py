@@ -17,10 +17,11 @@ protocol classes and changes only that:
   sessions close with 1012, and an idle keep-alive connection closes only
   at its keep-alive timeout, as in steady state;
 * with connection handoff (``nodrop run``'s default), instead, each
-  connection is given to the new generation the moment it is idle (between requests, nothing unwritten,
-  no complete request buffered; with h11, what was read of the next request
-  travels with it) and served there by the same protocol classes; one
-  nobody takes is served here, with ``Connection: close``;
+  connection is given to the new generation the moment it is idle (between
+  requests, nothing unwritten, no complete request buffered; with h11, what
+  was read of the next request travels with it) and served there by the
+  same protocol classes; one nobody takes is served here, with
+  ``Connection: close``;
 * once no connection is left, or :data:`DEFAULT_DRAIN_EXTRA` seconds past
   the keep-alive timeout, uvicorn's own shutdown runs (tasks, lifespan).
 

@@ -36,7 +36,7 @@ import socket
 import sys
 
 import nodrop
-from nodrop.accept_backoff import loop_accepted, loop_pause, out_of_resources
+from nodrop.accept_backoff import loop_accepted, loop_pause, out_of_resources, to_stderr
 from nodrop.connhandoff import AsyncHandoff, Detached, read_or_detach
 
 IDLE_TIMEOUT = 15.0
@@ -83,7 +83,7 @@ class App:
                     loop_pause(
                         sock,
                         lambda: self._accept(sock),
-                        lambda line: print(line, file=sys.stderr, flush=True),
+                        to_stderr,
                         "demo: accept",
                         wanted=lambda: not self.draining.is_set(),
                     ).failed(exc)
